@@ -1,0 +1,126 @@
+"""The admin API under /admin: nodes, strategy, reload, config.
+
+Protected by a bearer token (``admin.token`` or ``OLLAMA_LB_ADMIN_TOKEN``). With no token
+configured it answers loopback clients only and tells others how to set one, so a config that
+listens on 0.0.0.0 is still safe out of the box. Every change is logged with who and what.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+from flask import Blueprint, Response, current_app, request
+
+from app.errors import json_response
+from pipeline.factory import PipelineFactory
+from pipeline.strategy import StrategyFactory
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+log = logging.getLogger("ollama_lb.admin")
+
+
+def factory() -> PipelineFactory:
+    return current_app.extensions["ollama_lb"]
+
+
+def _loopback(addr: str | None) -> bool:
+    try:
+        return ipaddress.ip_address((addr or "").split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def protected(view: Callable[..., Response]) -> Callable[..., Response]:
+    @wraps(view)
+    def guarded(*args: Any, **kwargs: Any) -> Response:
+        token = factory().config.admin_token()
+        if token:
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return json_response({"error": "admin API: missing or wrong bearer token"}, 401,
+                                     {"WWW-Authenticate": 'Bearer realm="ollama-lb admin"'})
+        elif not _loopback(request.remote_addr):
+            return json_response({"error": "admin API answers only loopback clients while no "
+                                  "token is set; set admin.token in the config or "
+                                  "OLLAMA_LB_ADMIN_TOKEN in the environment"}, 403)
+        return view(*args, **kwargs)
+
+    return guarded
+
+
+def _audit(action: str, **fields: Any) -> None:
+    log.warning("admin change", extra={"event": "admin", "action": action,
+                                       "client": request.remote_addr, **fields})
+
+
+@bp.get("/nodes")
+@protected
+def nodes() -> Response:
+    f = factory()
+    return json_response({"nodes": [n.snapshot() for n in f.node_registry.all_nodes()],
+                          "draining": [n.snapshot() for n in f.node_registry.removed_nodes()]})
+
+
+@bp.post("/nodes/<node_id>/<action>")
+@protected
+def node_action(node_id: str, action: str) -> Response:
+    f = factory()
+    node = f.node_registry.get(node_id)
+    if node is None:
+        return json_response({"error": f"no node {node_id!r}"}, 404)
+    if action == "enable":
+        node.enabled, node.draining = True, False
+    elif action == "disable":
+        node.enabled = False
+    elif action == "drain":
+        node.draining = True
+    else:
+        return json_response({"error": f"unknown action {action!r}; valid: enable, disable, "
+                              "drain"}, 400)
+    _audit(f"node.{action}", node=node_id)
+    f.pipeline.poke()
+    return json_response(node.snapshot())
+
+
+@bp.route("/strategy", methods=["GET", "POST"])
+@protected
+def strategy() -> Response:
+    f = factory()
+    if request.method == "POST":
+        body = request.get_json(silent=True, force=True)
+        name = body.get("strategy") if isinstance(body, dict) else None
+        if name not in StrategyFactory.TYPES:
+            return json_response({"error": f"unknown strategy {name!r}; valid: "
+                                  f"{', '.join(StrategyFactory.names())}"}, 400)
+        old = f.pipeline.strategy.name
+        f.pipeline.set_strategy(name)
+        _audit("strategy", old=old, new=name)
+    return json_response({"strategy": f.pipeline.strategy.name,
+                          "available": StrategyFactory.names()})
+
+
+@bp.post("/reload")
+@protected
+def reload() -> Response:
+    state = current_app.extensions.get("ollama_lb.reload")
+    if state is None:
+        return json_response({"error": "no config file to reload"}, 409)
+    _audit("reload")
+    result = state.reload("admin")
+    return json_response(result, 200 if result["result"] == "applied" else 422)
+
+
+@bp.get("/config")
+@protected
+def config() -> Response:
+    f = factory()
+    state = current_app.extensions.get("ollama_lb.reload")
+    doc: dict[str, Any] = {"config": f.config.redacted()}
+    if state is not None:
+        doc.update(state.summary())
+    return json_response(doc)

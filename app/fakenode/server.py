@@ -1,0 +1,89 @@
+"""Running a simulated node: in-process for tests (port 0), or from the command line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gevent.pywsgi import WSGIHandler, WSGIServer
+
+from app.fakenode.sim import Profile, make_profile
+from app.fakenode.wsgi import FakeNode
+from app.netutil import make_listener
+
+
+class _Handler(WSGIHandler):
+    """Exposes the connection to the app, for the reset faults."""
+
+    def get_environ(self) -> dict[str, Any]:
+        env = super().get_environ()
+        env["ollama_lb.socket"] = self.socket
+        return env
+
+    def log_request(self) -> None:  # the fake node is quiet
+        pass
+
+
+class FakeNodeServer:
+    """A FakeNode on a real socket. ``refuse()`` closes the listener (connection refused)."""
+
+    def __init__(self, models: list[str], profile: Profile | None = None, host: str = "127.0.0.1",
+                 port: int = 0, **node_args: Any) -> None:
+        self.node = FakeNode(models, profile or make_profile("fast"), **node_args)
+        self.host = host
+        self.port = port
+        self._server: WSGIServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def stats(self) -> Any:
+        return self.node.stats
+
+    def start(self) -> FakeNodeServer:
+        listener = make_listener(self.host, self.port, backlog=1024)
+        self.port = listener.getsockname()[1]
+        self._server = WSGIServer(listener, self.node, handler_class=_Handler, log=None,
+                                  error_log=None)
+        self._server.start()
+        return self
+
+    def refuse(self) -> None:
+        """Stop listening: new connections are refused, as from a dead box."""
+        if self._server is not None:
+            self._server.stop(timeout=0.5)
+            self._server = None
+
+    def resume(self) -> None:
+        if self._server is None:
+            self.start()
+
+    def stop(self) -> None:
+        self.refuse()
+
+    def __enter__(self) -> FakeNodeServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def serve_forever(models: list[str], port: int, host: str = "127.0.0.1",
+                  profile: str = "realistic", fault: str = "none", **overrides: Any) -> None:
+    """The ``ollama-lb fake-node`` command."""
+    import gevent
+
+    prof = make_profile(profile, **overrides)
+    server = FakeNodeServer(models, prof, host=host, port=port, fault=fault)
+    if fault == "refuse":
+        print(f"fake node on {host}:{port} refusing connections (--fail refuse)", flush=True)
+        gevent.wait()
+        return
+    server.start()
+    print(f"fake Ollama node on {server.url} models={','.join(models)} profile={profile}",
+          flush=True)
+    try:
+        gevent.wait()
+    except KeyboardInterrupt:
+        server.stop()

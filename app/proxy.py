@@ -1,0 +1,124 @@
+"""The Ollama surface: model-routed calls through the pipeline, pool-wide answers, and `/`.
+
+A view reads the body (bounded), the request id and the forwarded headers into a plain
+InferenceRequest, submits it without blocking, and relays what comes back: a complete reply
+as is, or a stream line by line as it arrives. The stream's ``finally`` closes the upstream
+response and frees the node slot, whether it ended, failed or the client went away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from flask import Blueprint, Response, current_app, request
+
+from app.errors import error_response, json_response, plain
+from pipeline.errors import ErrorCode, PipelineError
+from pipeline.factory import PipelineFactory
+from pipeline.request import InferenceRequest, StreamHandle, new_request_id
+
+bp = Blueprint("ollama", __name__)
+
+MODEL_ROUTED = ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show",
+                "/api/push", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                "/v1/inference")
+FORWARDED = ("User-Agent", "Accept", "Authorization")
+
+
+def factory() -> PipelineFactory:
+    return current_app.extensions["ollama_lb"]
+
+
+def request_id() -> str:
+    return (request.headers.get("X-Request-ID") or request.headers.get("X-Correlation-ID")
+            or new_request_id())
+
+
+def _read_body() -> bytes:
+    limit = factory().config.server.maxBodyBytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PipelineError(ErrorCode.PAYLOAD_TOO_LARGE,
+                            f"request body too large: {request.content_length} bytes, "
+                            f"the limit is {limit}")
+    body = request.stream.read(limit + 1)
+    if len(body) > limit:
+        raise PipelineError(ErrorCode.PAYLOAD_TOO_LARGE,
+                            f"request body too large: the limit is {limit} bytes")
+    return body
+
+
+def _submit(path: str, body: bytes, method: str = "POST", model: str | None = None) -> Response:
+    rid = request_id()
+    headers = tuple((h, request.headers[h]) for h in FORWARDED if h in request.headers)
+    req = InferenceRequest(path=path, body=body, method=method, model=model, headers=headers,
+                           request_id=rid, client=request.remote_addr or "")
+    try:
+        result = factory().pipeline.submit(req).result()
+    except PipelineError as err:
+        resp = error_response(err, path)
+        resp.headers["X-Request-ID"] = rid
+        return resp
+    if isinstance(result, StreamHandle):
+        resp = Response(_relay(result), status=result.status, content_type=result.content_type,
+                        direct_passthrough=True)
+    else:
+        resp = Response(result.body, status=result.status, content_type=result.content_type)
+    resp.headers["X-Request-ID"] = rid
+    return resp
+
+
+def _relay(handle: StreamHandle) -> Iterator[bytes]:
+    """Each upstream line as it arrives; cleanup runs however the stream ends."""
+    try:
+        yield from handle.lines()
+    finally:
+        handle.close()
+
+
+def model_routed() -> Response:
+    try:
+        body = _read_body()
+    except PipelineError as err:
+        return error_response(err, request.path)
+    return _submit(request.path, body)
+
+
+for _path in MODEL_ROUTED:
+    bp.add_url_rule(_path, endpoint=_path, view_func=model_routed, methods=["POST"])
+
+
+@bp.get("/v1/models/<path:name>")
+def openai_model(name: str) -> Response:
+    if "/" in name:  # Ollama's route parameter cannot hold a slash
+        return json_response(error_body_404(name), 404)
+    return _submit(f"/v1/models/{name}", b"", method="GET", model=name)
+
+
+def error_body_404(name: str) -> dict[str, object]:
+    return {"error": {"message": f"model '{name}' not found", "type": "not_found_error",
+                      "param": None, "code": None}}
+
+
+@bp.route("/", methods=["GET", "HEAD"])
+def root() -> Response:
+    return plain(200, "Ollama is running")
+
+
+@bp.route("/api/version", methods=["GET", "HEAD"])
+def version() -> Response:
+    return json_response(factory().pool_view.version())
+
+
+@bp.route("/api/tags", methods=["GET", "HEAD"])
+def tags() -> Response:
+    return json_response(factory().pool_view.tags())
+
+
+@bp.get("/api/ps")
+def ps() -> Response:
+    return json_response(factory().pool_view.ps())
+
+
+@bp.get("/v1/models")
+def openai_models() -> Response:
+    return json_response(factory().pool_view.openai_models())

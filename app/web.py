@@ -1,0 +1,42 @@
+"""The Flask application factory: blueprints, Gin-style 404/405, Ollama-shaped 500s."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+
+from app import admin, ops, proxy
+from app.errors import error_body, json_response, plain
+from pipeline.factory import PipelineFactory
+
+log = logging.getLogger("ollama_lb.http")
+
+
+def create_app(factory: PipelineFactory, reload_state: Any = None) -> Flask:
+    app = Flask("ollama_lb")
+    app.extensions["ollama_lb"] = factory
+    if reload_state is not None:
+        app.extensions["ollama_lb.reload"] = reload_state
+    app.url_map.strict_slashes = False
+    for bp in (proxy.bp, ops.bp, admin.bp):
+        app.register_blueprint(bp)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        if exc.code == 404:
+            return plain(404, "404 page not found")
+        if exc.code == 405:
+            return plain(405, "405 method not allowed")
+        status = exc.code or 500
+        return json_response(error_body(status, exc.description or exc.name, request.path),
+                             status)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error", extra={"event": "http_error", "path": request.path})
+        return json_response(error_body(500, f"internal error: {exc}", request.path), 500)
+
+    return app

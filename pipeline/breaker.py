@@ -1,0 +1,97 @@
+"""A per-node circuit breaker: CLOSED -> OPEN -> HALF_OPEN -> CLOSED.
+
+CLOSED counts consecutive failures; at the threshold it opens and refuses requests for the
+recovery time; then HALF_OPEN lets exactly one trial request through, whose success closes the
+circuit and whose failure reopens it. The clock is injected so tests can drive time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from enum import StrEnum
+
+
+class CircuitState(StrEnum):
+    CLOSED = "CLOSED"
+    OPEN = "OPEN"
+    HALF_OPEN = "HALF_OPEN"
+
+
+STATE_VALUE = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}
+
+Listener = Callable[[CircuitState, CircuitState], None]
+
+
+class CircuitBreaker:
+    def __init__(self, failure_threshold: int, recovery_s: float,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_change: Listener | None = None) -> None:
+        self.failure_threshold = failure_threshold
+        self.recovery_s = recovery_s
+        self._clock = clock
+        self._state = CircuitState.CLOSED
+        self._failures = 0
+        self._opened_at = 0.0
+        self._trial_out = False  # HALF_OPEN: the one trial request is under way
+        self.on_change = on_change
+        self.transitions = 0
+
+    @property
+    def state(self) -> CircuitState:
+        """The state, moving OPEN to HALF_OPEN once the recovery time has passed."""
+        if self._state is CircuitState.OPEN and self._clock() - self._opened_at >= self.recovery_s:
+            self._set(CircuitState.HALF_OPEN)
+        return self._state
+
+    def allows(self) -> bool:
+        """Would a request be let through now (without taking the half-open trial)?"""
+        state = self.state
+        return state is CircuitState.CLOSED or (
+            state is CircuitState.HALF_OPEN and not self._trial_out)
+
+    def acquire(self) -> bool:
+        """Take permission for one request; in HALF_OPEN only one at a time gets it."""
+        state = self.state
+        if state is CircuitState.CLOSED:
+            return True
+        if state is CircuitState.HALF_OPEN and not self._trial_out:
+            self._trial_out = True
+            return True
+        return False
+
+    def release_trial(self) -> None:
+        """A request that took permission ended without a verdict (e.g. client went away)."""
+        self._trial_out = False
+
+    def record_success(self) -> None:
+        self._failures = 0
+        self._trial_out = False
+        if self._state is not CircuitState.CLOSED:
+            self._set(CircuitState.CLOSED)
+
+    def record_failure(self) -> None:
+        self._trial_out = False
+        state = self.state
+        if state is CircuitState.HALF_OPEN:
+            self._open()
+            return
+        self._failures += 1
+        if state is CircuitState.CLOSED and self._failures >= self.failure_threshold:
+            self._open()
+
+    def reconfigure(self, failure_threshold: int, recovery_s: float) -> None:
+        self.failure_threshold = failure_threshold
+        self.recovery_s = recovery_s
+
+    def _open(self) -> None:
+        self._opened_at = self._clock()
+        self._failures = 0
+        self._set(CircuitState.OPEN)
+
+    def _set(self, new: CircuitState) -> None:
+        old, self._state = self._state, new
+        if old is not new:
+            self.transitions += 1
+            if self.on_change is not None:
+                self.on_change(old, new)

@@ -1,0 +1,79 @@
+"""PipelineFactory: builds and owns one pipeline with its registry, checker and metrics.
+
+The library entry point, as the seed's ``PipelineFactory``::
+
+    with PipelineFactory.create("config.yaml").start() as factory:
+        reply = factory.pipeline.submit(InferenceRequest.of_prompt("llama3", "Hi")).result()
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pipeline.aggregate import PoolView
+from pipeline.config import Config, load_config, with_restart_keys_from
+from pipeline.health import HealthChecker
+from pipeline.metrics import MetricsRegistry
+from pipeline.pipeline import Pipeline
+from pipeline.registry import NodeRegistry
+from pipeline.upstream import UpstreamClient
+
+
+class PipelineFactory:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.upstream = UpstreamClient()
+        self.node_registry = NodeRegistry(config)
+        self.metrics_registry = MetricsRegistry(config.metrics.prefix)
+        self.pipeline = Pipeline(config, self.node_registry, self.metrics_registry,
+                                 self.upstream)
+        t = config.timeouts
+        self.pool_view = PoolView(self.node_registry, self.upstream,
+                                  (t.connectTimeoutMs / 1000.0, t.healthCheckTimeoutMs / 1000.0))
+        self.health_checker = HealthChecker(self.node_registry, self.upstream, config,
+                                            on_change=self.pipeline.poke)
+        self.started = False
+
+    @classmethod
+    def create(cls, source: str | os.PathLike[str] | Config) -> PipelineFactory:
+        """From a config file path or an already-validated Config."""
+        config = source if isinstance(source, Config) else load_config(source)
+        return cls(config)
+
+    def start(self, health_checks: bool = True) -> PipelineFactory:
+        """Start the stage greenlets and, unless told not to, the health checker."""
+        self.pipeline.start()
+        if health_checks:
+            self.health_checker.start()
+        self.started = True
+        return self
+
+    def stop(self) -> None:
+        self.health_checker.stop()
+        self.pipeline.stop()
+        self.upstream.close()
+        self.started = False
+
+    def __enter__(self) -> PipelineFactory:
+        if not self.started:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def apply_config(self, config: Config) -> dict[str, Any]:
+        """Apply a validated reload in place; restart-only keys keep their running values."""
+        config = with_restart_keys_from(self.config, config)
+        old_urls = {n.id: n.url for n in self.node_registry.all_nodes()}
+        changes: dict[str, Any] = self.node_registry.apply(config)
+        for node in self.node_registry.all_nodes():
+            if node.id in old_urls and old_urls[node.id] != node.url:
+                self.upstream.forget(old_urls[node.id])
+        self.config = config
+        self.health_checker.config = config
+        t = config.timeouts
+        self.pool_view.timeouts = (t.connectTimeoutMs / 1000.0, t.healthCheckTimeoutMs / 1000.0)
+        self.pipeline.apply_config(config)
+        return changes

@@ -1,0 +1,121 @@
+"""Active health checks and model discovery, one greenlet for the whole pool.
+
+Every ``healthCheck.intervalMs`` each node with checks on is probed with ``GET /api/version``;
+every ``healthCheck.modelRefreshMs`` nodes with discovery on are asked for ``/api/tags``
+(installed models) and ``/api/ps`` (loaded models). Probes of different nodes run in parallel,
+each bounded by ``timeouts.healthCheckTimeoutMs``, so one hung node cannot delay the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+
+from pipeline.config import Config
+from pipeline.modelname import canonical
+from pipeline.node import Health, Node
+from pipeline.registry import NodeRegistry
+from pipeline.upstream import UpstreamClient
+
+log = logging.getLogger("ollama_lb.health")
+
+
+class HealthChecker:
+    def __init__(self, registry: NodeRegistry, upstream: UpstreamClient, config: Config,
+                 on_change: Callable[[], None] = lambda: None) -> None:
+        self.registry = registry
+        self.upstream = upstream
+        self.config = config
+        self.on_change = on_change  # capacity may have come back: wake waiters
+        self._greenlet: gevent.Greenlet | None = None
+        self._last_discovery = 0.0
+
+    def start(self) -> None:
+        if self._greenlet is None:
+            self._greenlet = gevent.spawn(self._loop)
+            self._greenlet.name = "health-checker"
+
+    def stop(self) -> None:
+        if self._greenlet is not None:
+            self._greenlet.kill()
+            self._greenlet = None
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.check_all()
+            except Exception:  # never let the checker die
+                log.exception("health round failed")
+            gevent.sleep(self.config.healthCheck.intervalMs / 1000.0)
+
+    def check_all(self, discover: bool | None = None) -> None:
+        """One round: probe every node in parallel and wait for all (bounded by timeouts)."""
+        now = time.monotonic()
+        if discover is None:
+            discover = now - self._last_discovery >= self.config.healthCheck.modelRefreshMs / 1e3
+        if discover:
+            self._last_discovery = now
+        jobs = [gevent.spawn(self.check_node, node, discover)
+                for node in self.registry.all_nodes()]
+        gevent.joinall(jobs)
+        self.on_change()
+
+    def check_node(self, node: Node, discover: bool) -> None:
+        if node.active_checks:
+            self._probe(node)
+        if discover and node.discovery and node.health is not Health.DOWN:
+            self.discover(node)
+
+    def _timeouts(self) -> tuple[float, float]:
+        t = self.config.timeouts
+        return t.connectTimeoutMs / 1000.0, t.healthCheckTimeoutMs / 1000.0
+
+    def _probe(self, node: Node) -> None:
+        connect, read = self._timeouts()
+        was = node.health
+        try:
+            with gevent.Timeout(connect + read):
+                data = self.upstream.get_json(node.url, "/api/version", connect, read)
+            node.version = str(data.get("version")) if isinstance(data, dict) else None
+            node.record_success()
+        except (Exception, gevent.Timeout) as exc:
+            node.record_failure(f"health check: {type(exc).__name__}: {str(exc)[:120]}",
+                                live=False)
+        node.last_check = time.time()
+        if node.health is not was:
+            log.warning("node health changed", extra={"event": "node_health", "node": node.id,
+                        "from": was.value, "to": node.health.value, "error": node.last_error})
+
+    def discover(self, node: Node) -> None:
+        """Refresh installed and loaded models; failures leave the last known lists."""
+        connect, read = self._timeouts()
+        try:
+            with gevent.Timeout(connect + 2 * read):
+                tags = self.upstream.get_json(node.url, "/api/tags", connect, read)
+                ps = self.upstream.get_json(node.url, "/api/ps", connect, read)
+        except (Exception, gevent.Timeout) as exc:
+            log.info("model discovery failed", extra={"event": "discovery_failed",
+                     "node": node.id, "error": str(exc)[:200]})
+            return
+        update_models(node, tags, ps)
+
+
+def _entries(data: Any) -> list[dict[str, Any]]:
+    if isinstance(data, dict) and isinstance(data.get("models"), list):
+        return [m for m in data["models"] if isinstance(m, dict)]
+    return []
+
+
+def update_models(node: Node, tags: Any, ps: Any) -> None:
+    """Take a node's /api/tags and /api/ps replies as its model lists."""
+    node.tags = _entries(tags)
+    node.installed = {canonical(str(m.get("model") or m.get("name") or "")) for m in node.tags}
+    node.installed.discard("")
+    if ps is not None:
+        node.ps = _entries(ps)
+        node.loaded = {canonical(str(m.get("model") or m.get("name") or "")) for m in node.ps}
+        node.loaded.discard("")

@@ -1,0 +1,69 @@
+"""The node registry: the pool as configured, updated in place on reload.
+
+A node removed from the config is not dropped at once: it drains (no new requests, streams in
+flight finish) and leaves the registry when idle, so a reload never cuts a stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pipeline.config import Config
+from pipeline.node import Node
+
+
+class NodeRegistry:
+    def __init__(self, config: Config) -> None:
+        self._nodes: dict[str, Node] = {}
+        self._removed: dict[str, Node] = {}  # draining after removal from the config
+        self.on_capacity: Callable[[Node], None] = lambda node: None
+        self.apply(config)
+
+    def apply(self, config: Config) -> dict[str, list[str]]:
+        """Add, update and remove nodes to match ``config``; returns what changed."""
+        changes: dict[str, list[str]] = {"added": [], "updated": [], "removed": []}
+        wanted = {n.id: n for n in config.nodes}
+        for node_id, node in list(self._nodes.items()):
+            if node_id not in wanted:
+                node.draining = True
+                del self._nodes[node_id]
+                self._removed[node_id] = node
+                changes["removed"].append(node_id)
+        for node_id, cfg in wanted.items():
+            node = self._nodes.get(node_id)
+            if node is None and node_id in self._removed:  # re-added while draining
+                node = self._removed.pop(node_id)
+                node.draining = False
+            if node is None:
+                self._nodes[node_id] = Node(cfg, config)
+                changes["added"].append(node_id)
+            else:
+                if node.cfg != cfg:
+                    changes["updated"].append(node_id)
+                node.apply(cfg, config)
+                self._nodes[node_id] = node
+        self._drop_idle_removed()
+        return changes
+
+    def all_nodes(self) -> list[Node]:
+        """The configured nodes, in config order."""
+        return list(self._nodes.values())
+
+    def removed_nodes(self) -> list[Node]:
+        """Nodes removed from the config that still have requests in flight."""
+        return list(self._removed.values())
+
+    def get(self, node_id: str) -> Node | None:
+        return self._nodes.get(node_id)
+
+    def release(self, node: Node) -> None:
+        """Give a slot back and let waiting requests take it."""
+        node.release()
+        if node.draining and node.id in self._removed and node.in_flight == 0:
+            del self._removed[node.id]
+        self.on_capacity(node)
+
+    def _drop_idle_removed(self) -> None:
+        for node_id, node in list(self._removed.items()):
+            if node.in_flight == 0:
+                del self._removed[node_id]

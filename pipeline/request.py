@@ -1,0 +1,208 @@
+"""What goes into the pipeline and what comes out: plain data, no HTTP framework objects.
+
+A request carries the client's body bytes untouched (they are forwarded byte for byte); a
+response is either complete (``InferenceResponse``) or a live stream (``StreamHandle``) whose
+``close()`` gives the node slot back, whether the stream ended, failed or was abandoned.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from gevent.event import AsyncResult
+
+from pipeline.errors import ErrorCode, PipelineError
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+@dataclass(slots=True)
+class InferenceRequest:
+    """One model-routed call: path, raw body and what the pipeline needs to route it."""
+
+    path: str
+    body: bytes
+    method: str = "POST"
+    model: str | None = None  # set when the model is not in the body (/v1/models/<name>)
+    headers: tuple[tuple[str, str], ...] = ()  # forwarded to the node (User-Agent, Accept)
+    request_id: str = field(default_factory=new_request_id)
+    client: str = "library"
+    timeout_s: float | None = None  # overrides timeouts.requestTimeoutMs
+
+    @classmethod
+    def of_prompt(
+        cls, model: str, prompt: str, *, stream: bool = False, **fields: Any
+    ) -> InferenceRequest:
+        """A generate request, as the seed's ``InferenceRequest.ofPrompt``."""
+        return cls.of_json("/api/generate", {"model": model, "prompt": prompt,
+                                             "stream": stream, **fields})
+
+    @classmethod
+    def of_chat(
+        cls, model: str, messages: list[dict[str, Any]], *, stream: bool = False, **fields: Any
+    ) -> InferenceRequest:
+        """A chat request; ``messages`` as Ollama takes them (role, content)."""
+        return cls.of_json("/api/chat", {"model": model, "messages": messages,
+                                         "stream": stream, **fields})
+
+    @classmethod
+    def of_embed(cls, model: str, input: str | list[str], **fields: Any) -> InferenceRequest:
+        return cls.of_json("/api/embed", {"model": model, "input": input, **fields})
+
+    @classmethod
+    def of_json(cls, path: str, payload: dict[str, Any]) -> InferenceRequest:
+        return cls(path=path, body=json.dumps(payload).encode())
+
+
+class InferenceResponse:
+    """A complete reply from a node: status, content type and body bytes."""
+
+    __slots__ = ("_json", "attempts", "body", "content_type", "node_id", "status")
+
+    def __init__(self, status: int, content_type: str, body: bytes, node_id: str,
+                 attempts: int) -> None:
+        self.status = status
+        self.content_type = content_type
+        self.body = body
+        self.node_id = node_id
+        self.attempts = attempts
+        self._json: Any = None
+
+    def json(self) -> Any:
+        if self._json is None:
+            self._json = json.loads(self.body)
+        return self._json
+
+    @property
+    def response(self) -> str:
+        """The generated text of a generate reply (``response``) or a chat reply."""
+        data = self.json()
+        if "response" in data:
+            return data["response"]
+        return (data.get("message") or {}).get("content", "")
+
+    @property
+    def message(self) -> dict[str, Any] | None:
+        return self.json().get("message")
+
+
+class StreamHandle:
+    """A started stream: iterate ``lines()`` for raw lines, ``chunks()`` for parsed objects.
+
+    ``close()`` is idempotent and must be called (the context manager does): it closes the
+    upstream response and releases the node slot exactly once.
+    """
+
+    def __init__(self, status: int, content_type: str, lines: Iterator[bytes],
+                 close: Callable[[], None], node_id: str, attempts: int) -> None:
+        self.status = status
+        self.content_type = content_type
+        self._lines = lines
+        self._close = close
+        self.node_id = node_id
+        self.attempts = attempts
+        self.closed = False
+
+    def lines(self) -> Iterator[bytes]:
+        """Each upstream line with its newline, as it arrives; an error ends with an error line."""
+        return self._lines
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.chunks()
+
+    def chunks(self) -> Iterator[dict[str, Any]]:
+        """Parsed NDJSON objects (or SSE ``data:`` payloads); raises on an error line."""
+        for raw in self._lines:
+            line = raw.strip()
+            if not line:
+                continue
+            if line.startswith(b"data:"):
+                line = line[5:].strip()
+                if line == b"[DONE]":
+                    continue
+            obj = json.loads(line)
+            if isinstance(obj, dict) and "error" in obj:
+                err = obj["error"]
+                msg = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+                raise PipelineError(ErrorCode.UPSTREAM, msg)
+            yield obj
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._close()
+
+    def __enter__(self) -> StreamHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+Result = InferenceResponse | StreamHandle
+
+
+class Ticket:
+    """The caller's handle on a submitted request: wait with ``result()``.
+
+    It also collects what the access log reports (node, attempts, queue wait, first byte).
+    """
+
+    __slots__ = ("_result", "attempts", "deadline", "endpoint", "finished", "first_byte_at",
+                 "model", "model_raw", "node_id", "on_cancel", "queue_wait", "request",
+                 "status", "stream", "submitted_at")
+
+    def __init__(self, request: InferenceRequest, deadline: float) -> None:
+        self.request = request
+        self.submitted_at = time.monotonic()
+        self.deadline = deadline
+        self._result: AsyncResult = AsyncResult()
+        self.attempts = 0
+        self.node_id: str | None = None
+        self.model: str | None = None  # canonical, set by validation
+        self.model_raw = ""  # as the client wrote it
+        self.endpoint: Any = None  # pipeline.endpoints.Endpoint, set by validation
+        self.stream = False
+        self.finished = False  # the pipeline's bookkeeping for this request is done
+        self.status = ""  # outcome: the node's HTTP status or an error code
+        self.queue_wait = 0.0
+        self.first_byte_at: float | None = None
+        self.on_cancel: Callable[[], None] | None = None
+
+    def set(self, result: Result) -> None:
+        self._result.set(result)
+
+    def fail(self, error: PipelineError) -> None:
+        if not self._result.ready():
+            self._result.set_exception(error)
+
+    def done(self) -> bool:
+        return self._result.ready()
+
+    def result(self, timeout: float | None = None) -> Result:
+        """Wait for the reply; raise PipelineError on failure or TIMEOUT past the deadline."""
+        if timeout is None:
+            timeout = max(0.0, self.deadline - time.monotonic()) + 1.0
+        self._result.wait(timeout)  # returns without raising, ready or not
+        if not self._result.ready():
+            self.cancel()
+        return self._result.get(block=False)
+
+    def cancel(self) -> None:
+        """The caller gave up: let the pipeline free whatever this request holds."""
+        cb, self.on_cancel = self.on_cancel, None
+        if cb is not None:
+            cb()
+        self.fail(PipelineError(ErrorCode.TIMEOUT, "request timed out"))
+        # a result set concurrently (a stream) must still be released
+        if self._result.successful():
+            value = self._result.value
+            if isinstance(value, StreamHandle):
+                value.close()

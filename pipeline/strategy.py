@@ -1,0 +1,160 @@
+"""Routing strategies: pick one node among those that can take the request now.
+
+The caller (node selection) passes only eligible candidates: enabled, not DOWN, circuit
+admitting, has the model, has capacity. A strategy only orders them. State is kept per node id,
+so nodes may come and go between calls.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from pipeline.node import Health, Node
+
+
+class Strategy:
+    """Base class; ``name`` is the config/admin name."""
+
+    name = "base"
+
+    def __init__(self, adaptive: bool = False) -> None:
+        self.adaptive = adaptive
+
+    def select(self, candidates: Sequence[Node], model: str) -> Node | None:
+        raise NotImplementedError
+
+    def weight_of(self, node: Node) -> int:
+        """Configured weight; with ``adaptive`` a DEGRADED node counts half."""
+        if self.adaptive and node.health is Health.DEGRADED:
+            return max(1, node.weight // 2)
+        return node.weight
+
+
+class RoundRobin(Strategy):
+    """Each candidate in turn, by a counter over the candidate list."""
+
+    name = "round-robin"
+
+    def __init__(self, adaptive: bool = False) -> None:
+        super().__init__(adaptive)
+        self._next = 0
+
+    def select(self, candidates: Sequence[Node], model: str) -> Node | None:
+        if not candidates:
+            return None
+        node = candidates[self._next % len(candidates)]
+        self._next += 1
+        return node
+
+
+class WeightedRoundRobin(Strategy):
+    """nginx's smooth weighted round-robin: weights respected, picks interleaved."""
+
+    name = "weighted-round-robin"
+
+    def __init__(self, adaptive: bool = False) -> None:
+        super().__init__(adaptive)
+        self._current: dict[str, int] = {}
+
+    def select(self, candidates: Sequence[Node], model: str) -> Node | None:
+        if not candidates:
+            return None
+        total = 0
+        best: Node | None = None
+        best_weight = 0
+        for node in candidates:
+            weight = self.weight_of(node)
+            current = self._current.get(node.id, 0) + weight
+            self._current[node.id] = current
+            total += weight
+            if best is None or current > best_weight:
+                best, best_weight = node, current
+        assert best is not None
+        self._current[best.id] = best_weight - total
+        return best
+
+
+class LeastInFlight(Strategy):
+    """Fewest requests in flight relative to capacity; ties rotate so none is favoured."""
+
+    name = "least-in-flight"
+
+    def __init__(self, adaptive: bool = False) -> None:
+        super().__init__(adaptive)
+        self._tie = 0
+
+    def select(self, candidates: Sequence[Node], model: str) -> Node | None:
+        return self._least(list(candidates))
+
+    def _least(self, nodes: list[Node]) -> Node | None:
+        if not nodes:
+            return None
+        best = min(self._load(n) for n in nodes)
+        tied = [n for n in nodes if self._load(n) == best]
+        if self.adaptive and len(tied) > 1:
+            fastest = min(n.latency_ewma or 0.0 for n in tied)
+            tied = [n for n in tied if (n.latency_ewma or 0.0) == fastest]
+        node = tied[self._tie % len(tied)]
+        self._tie += 1
+        return node
+
+    @staticmethod
+    def _load(node: Node) -> float:
+        return node.in_flight / node.max_concurrent
+
+
+class RandomChoice(Strategy):
+    """Uniform choice; the RNG is injectable for deterministic tests."""
+
+    name = "random"
+
+    def __init__(self, adaptive: bool = False, rng: random.Random | None = None) -> None:
+        super().__init__(adaptive)
+        self._rng = rng or random.Random()
+
+    def select(self, candidates: Sequence[Node], model: str) -> Node | None:
+        if not candidates:
+            return None
+        return candidates[self._rng.randrange(len(candidates))]
+
+
+class ModelAware(LeastInFlight):
+    """Warm first: nodes with the model loaded, then installed, then unknown.
+
+    Among nodes where the model is not loaded, those with fewer loaded models come first, so
+    a cold load lands where it is least likely to evict another model. Equals share the load
+    by in-flight count.
+    """
+
+    name = "model-aware"
+
+    def select(self, candidates: Sequence[Node], model: str) -> Node | None:
+        if not candidates:
+            return None
+        loaded = [n for n in candidates if model in n.loaded]
+        if loaded:
+            return self._least(loaded)
+        installed = [n for n in candidates if n.knows_models()] or list(candidates)
+        fewest = min(len(n.loaded) for n in installed)
+        return self._least([n for n in installed if len(n.loaded) == fewest])
+
+
+class StrategyFactory:
+    """Strategies by name, as the seed's StrategyFactory."""
+
+    TYPES: dict[str, type[Strategy]] = {
+        s.name: s for s in (RoundRobin, WeightedRoundRobin, LeastInFlight, RandomChoice, ModelAware)
+    }
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return list(cls.TYPES)
+
+    @classmethod
+    def create(cls, name: str, adaptive: bool = False) -> Strategy:
+        try:
+            return cls.TYPES[name](adaptive=adaptive)
+        except KeyError:
+            raise ValueError(
+                f"unknown strategy {name!r}; valid: {', '.join(cls.TYPES)}") from None

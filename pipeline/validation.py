@@ -1,0 +1,133 @@
+"""Request validation: the body as Ollama's Go decoder would see it, plus configured rules.
+
+The body is parsed as JSON whatever the Content-Type (Ollama ignores it). Field types are
+checked with a marshmallow schema of strict fields, and failures are worded the way Ollama's Go
+decoder words them, because clients surface those messages to users. Only the fields routing
+needs are read; the body itself is forwarded untouched.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from marshmallow import EXCLUDE, Schema, ValidationError
+from marshmallow import fields as f
+
+from pipeline.endpoints import Endpoint
+
+GO_STRUCT = {
+    "/api/generate": "GenerateRequest", "/v1/inference": "GenerateRequest",
+    "/api/chat": "ChatRequest", "/api/embed": "EmbedRequest",
+    "/api/embeddings": "EmbeddingRequest", "/api/show": "ShowRequest",
+    "/api/push": "PushRequest", "/v1/chat/completions": "ChatCompletionRequest",
+    "/v1/completions": "CompletionRequest", "/v1/embeddings": "EmbedRequest",
+}
+
+
+def go_type(value: Any) -> str:
+    """The JSON type name Go's decoder reports."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+class _Strict(f.Field):
+    """A field that accepts exactly one JSON type (or null), as Go's decoder does."""
+
+    py_type: type | tuple[type, ...] = object
+    go_name = "string"
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, self.py_type) or (self.go_name != "bool" and isinstance(
+                value, bool)):
+            raise ValidationError(f"{go_type(value)}|{self.go_name}")
+        return value
+
+
+class StrictString(_Strict):
+    py_type = str
+    go_name = "string"
+
+
+class StrictBool(_Strict):
+    py_type = bool
+    go_name = "bool"
+
+
+class RequestFacts(Schema):
+    """The few fields routing reads; everything else passes through unread."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    model = StrictString(allow_none=True)
+    name = StrictString(allow_none=True)
+    stream = StrictBool(allow_none=True)
+
+
+_FACTS = RequestFacts()
+
+
+class BadRequest(ValueError):
+    """The body is not what Ollama would accept; the message is Ollama's wording."""
+
+
+def parse_body(endpoint: Endpoint, body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, with Go-worded errors for everything else."""
+    if not body.strip():
+        raise BadRequest("missing request body")
+    try:
+        payload = json.loads(body)
+    except UnicodeDecodeError:
+        raise BadRequest("invalid character looking for beginning of value") from None
+    except json.JSONDecodeError as exc:
+        raise BadRequest(_json_error(exc)) from None
+    struct = GO_STRUCT.get(endpoint.path, "GenerateRequest")
+    if not isinstance(payload, dict):
+        raise BadRequest(f"json: cannot unmarshal {go_type(payload)} into Go value of type "
+                         f"api.{struct}")
+    return payload
+
+
+def read_facts(endpoint: Endpoint, payload: dict[str, Any]) -> dict[str, Any]:
+    """model/name/stream, type-checked."""
+    try:
+        return _FACTS.load(payload)
+    except ValidationError as exc:
+        field, msgs = next(iter(exc.messages.items()))  # type: ignore[union-attr]
+        got, want = str(msgs[0]).split("|", 1)
+        struct = GO_STRUCT.get(endpoint.path, "GenerateRequest")
+        raise BadRequest(f"json: cannot unmarshal {got} into Go struct field {struct}.{field} "
+                         f"of type {want}") from None
+
+
+def _json_error(exc: json.JSONDecodeError) -> str:
+    if exc.pos >= len(exc.doc.rstrip()):
+        return "unexpected end of JSON input"
+    ch = exc.doc[exc.pos]
+    return f"invalid character {ch!r} looking for beginning of value"
+
+
+def _text_len(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_text_len(v) for v in value)
+    if isinstance(value, dict):  # an OpenAI content part or a message
+        return _text_len(value.get("text")) + _text_len(value.get("content"))
+    return 0
+
+
+def prompt_length(payload: dict[str, Any]) -> int:
+    """Characters of prompt text in any endpoint's body (prompt, system, messages, input)."""
+    return (_text_len(payload.get("prompt")) + _text_len(payload.get("system"))
+            + _text_len(payload.get("messages")) + _text_len(payload.get("input")))

@@ -1,0 +1,123 @@
+"""Fixtures: real servers on port 0 (simulated nodes, the appliance), real clients.
+
+gevent patches the standard library before anything imports socket, ssl, httpx or requests.
+Every appliance a test starts is shut down afterwards, and the teardown asserts that no node
+slot and no pipeline admission was left held: a leak fails the test that caused it. A greenlet
+that dies with an exception fails the test too.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import gevent
+import pytest
+
+from app.fakenode import FakeNodeServer, make_profile
+from app.server import OllamaLoadBalancerApplication
+from pipeline.config import parse_config
+
+os.environ.pop("OLLAMA_LB_ADMIN_TOKEN", None)
+for _var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
+             "all_proxy"):
+    os.environ.pop(_var, None)
+os.environ["NO_PROXY"] = "*"
+
+
+@pytest.fixture(autouse=True)
+def greenlet_errors() -> Iterator[list[Any]]:
+    """Record exceptions that kill greenlets; fail the test if any occurred."""
+    hub = gevent.get_hub()
+    seen: list[Any] = []
+    original = hub.handle_error
+
+    def record(context: Any, type_: Any, value: Any, tb: Any) -> None:
+        if not isinstance(value, gevent.GreenletExit | KeyboardInterrupt | SystemExit):
+            seen.append((context, type_, value))
+        original(context, type_, value, tb)
+
+    hub.handle_error = record  # type: ignore[method-assign]
+    yield seen
+    hub.handle_error = original  # type: ignore[method-assign]
+    assert not seen, f"greenlets crashed: {seen}"
+
+
+@pytest.fixture
+def fake_node() -> Iterator[Callable[..., FakeNodeServer]]:
+    """Start simulated nodes: ``fake_node(["llama3.2"], profile="fast", num_parallel=2)``."""
+    started: list[FakeNodeServer] = []
+
+    def make(models: list[str], profile: str = "fast", fault: str = "none",
+             **overrides: Any) -> FakeNodeServer:
+        server = FakeNodeServer(models, make_profile(profile, **overrides), fault=fault)
+        started.append(server.start())
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+def lb_config(nodes: list[FakeNodeServer], **sections: Any) -> dict[str, Any]:
+    """A config dict for nodes n0, n1, ... with quick health checks; sections override."""
+    node_overrides = sections.pop("node_overrides", {})
+    cfg: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0, "drainSeconds": 2},
+        "nodes": [{"id": f"n{i}", "url": n.url, "maxConcurrentRequests": 4,
+                   **node_overrides.get(i, {})} for i, n in enumerate(nodes)],
+        "healthCheck": {"intervalMs": 200, "modelRefreshMs": 200},
+        "timeouts": {"connectTimeoutMs": 1000, "healthCheckTimeoutMs": 500,
+                     "requestTimeoutMs": 20000},
+        "retry": {"initialBackoffMs": 5, "maxBackoffMs": 20},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def assert_no_leaks(app: OllamaLoadBalancerApplication, timeout: float = 5.0) -> None:
+    """Every node slot and admission given back (streams close asynchronously)."""
+    assert app.factory is not None
+    p = app.factory.pipeline
+    deadline = gevent.time.time() + timeout  # type: ignore[attr-defined]
+    nodes = app.factory.node_registry.all_nodes() + app.factory.node_registry.removed_nodes()
+    while gevent.time.time() < deadline:  # type: ignore[attr-defined]
+        if p.in_flight == 0 and all(n.in_flight == 0 for n in nodes):
+            break
+        gevent.sleep(0.02)
+    held = {n.id: n.in_flight for n in nodes if n.in_flight}
+    assert p.in_flight == 0, f"pipeline admissions leaked: {p.in_flight}"
+    assert not held, f"node slots leaked: {held}"
+    assert len(p.queue) == 0, "requests left in the capacity queue"
+
+
+@pytest.fixture
+def appliance() -> Iterator[Callable[..., OllamaLoadBalancerApplication]]:
+    """Start the appliance in front of nodes: ``appliance(nodes, strategy={...})``."""
+    started: list[OllamaLoadBalancerApplication] = []
+
+    def make(nodes: list[FakeNodeServer], *, discover: bool = True, check_leaks: bool = True,
+             **sections: Any) -> OllamaLoadBalancerApplication:
+        cfg = parse_config(lb_config(nodes, **sections))
+        app = OllamaLoadBalancerApplication(cfg, watch=False).start()
+        app.check_leaks = check_leaks  # type: ignore[attr-defined]
+        if discover:  # learn the nodes' models before the test's first request
+            assert app.factory is not None
+            app.factory.health_checker.check_all(discover=True)
+        started.append(app)
+        return app
+
+    yield make
+    for app in started:
+        try:
+            if getattr(app, "check_leaks", True):
+                assert_no_leaks(app)
+        finally:
+            app.shutdown(drain_s=0)
