@@ -127,6 +127,8 @@ class Dispatcher:
                 tried.append(held)
                 p.registry.release(held)
                 held = None
+                if time.monotonic() >= ticket.deadline:
+                    raise PipelineError(ErrorCode.TIMEOUT, "request timed out")
                 if not self._may_retry(ticket):
                     break
                 held = self._next_node(ticket, tried)
@@ -171,8 +173,12 @@ class Dispatcher:
         for name, value in req.headers:
             if name.lower() in FORWARD_HEADERS:
                 headers[name] = value
-        first_byte = min(remaining, t.firstByteTimeoutMs / 1000.0)
-        with gevent.Timeout(first_byte, FirstByteTimeout()):
+        first_byte = t.firstByteTimeoutMs / 1000.0
+        # the request's own deadline is not the node's fault: a TIMEOUT, not a node failure
+        timeout = (gevent.Timeout(first_byte, FirstByteTimeout()) if first_byte < remaining
+                   else gevent.Timeout(remaining, PipelineError(ErrorCode.TIMEOUT,
+                                                                "request timed out")))
+        with timeout:
             return p.upstream.send(
                 node.url, req.method, req.path, req.body, headers,
                 connect_timeout=t.connectTimeoutMs / 1000.0,

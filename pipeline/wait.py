@@ -142,14 +142,18 @@ class BusySpinWaitStrategy(WaitStrategy):
         """Spinners re-check on their own; nothing to wake."""
 
 
+_TABLE: dict[str, type[WaitStrategy]] = {
+    "blocking": BlockingWaitStrategy,
+    "yielding": YieldingWaitStrategy,
+    "sleeping": SleepingWaitStrategy,
+    "busy-spin": BusySpinWaitStrategy,
+}
+WAIT_STRATEGY_NAMES = tuple(_TABLE)
+
+
 def create_wait_strategy(name: str) -> WaitStrategy:
     """The strategy for a ``disruptor.waitStrategy`` value."""
-    table: dict[str, type[WaitStrategy]] = {
-        "blocking": BlockingWaitStrategy,
-        "yielding": YieldingWaitStrategy,
-        "sleeping": SleepingWaitStrategy,
-        "busy-spin": BusySpinWaitStrategy,
-    }
+    table = _TABLE
     try:
         return table[name]()
     except KeyError:

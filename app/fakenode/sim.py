@@ -78,6 +78,7 @@ class Stats:
     evictions: int = 0
     by_path: dict[str, int] = field(default_factory=dict)
     hosts: set[str] = field(default_factory=set)  # Host headers seen
+    last_body: bytes = b""  # the last request body, byte for byte
 
     def as_dict(self) -> dict[str, Any]:
         return {"requests": self.requests, "active": self.active, "max_active": self.max_active,

@@ -157,6 +157,7 @@ class FakeNode:
         environ["ollama_lb.fault"] = fault
         try:
             body = _read_json(environ) if method in ("POST", "DELETE") else {}
+            stats.last_body = environ.get("ollama_lb.body", b"")
             return handler(environ, start_response, body)
         except HTTPError as exc:
             if path.startswith("/v1/"):
@@ -624,6 +625,7 @@ def openai_error(status: int, message: str) -> dict[str, Any]:
 def _read_json(environ: dict[str, Any]) -> dict[str, Any]:
     length = int(environ.get("CONTENT_LENGTH") or 0)
     raw = environ["wsgi.input"].read(length) if length else environ["wsgi.input"].read()
+    environ["ollama_lb.body"] = raw
     if not raw.strip():
         raise HTTPError(400, "missing request body")
     try:

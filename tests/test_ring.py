@@ -1,0 +1,175 @@
+"""The ring: ordering, batching, wrap-around, rejection, errors, crashes, wait strategies."""
+
+from __future__ import annotations
+
+import gevent
+import pytest
+
+from pipeline.errors import RingFullError
+from pipeline.ring import RingBuffer
+from pipeline.wait import WAIT_STRATEGY_NAMES, create_wait_strategy
+from pipeline.wiring import Disruptor
+
+
+class Event:
+    __slots__ = ("error", "seen", "value")
+
+    def __init__(self) -> None:
+        self.value = -1
+        self.seen: list[str] = []
+        self.error: Exception | None = None
+
+
+def make(size: int = 8, strategy: str = "blocking", handlers=None):
+    ring = RingBuffer(size, Event, create_wait_strategy(strategy))
+    log: list[tuple[str, int]] = []
+
+    def record(name):
+        def handler(ev: Event) -> None:
+            ev.seen.append(name)
+            log.append((name, ev.value))
+        return (name, handler)
+
+    def on_error(ev: Event, stage: str, exc: Exception) -> None:
+        ev.error = exc
+        log.append((f"error:{stage}", ev.value))
+
+    names = handlers or ["a", "b", "c"]
+    d = Disruptor(ring, on_error).handle_events_with(record(names[0]))
+    for n in names[1:]:
+        d = d.then(record(n) if isinstance(n, str) else n)
+    crashes: list[BaseException] = []
+    d.start(lambda stage, exc: crashes.append(exc))
+    return ring, d, log, crashes
+
+
+def publish(ring, value: int) -> None:
+    seq = ring.try_claim()
+    try:
+        ring.get(seq).value = value
+        ring.get(seq).seen = []
+    finally:
+        ring.publish(seq)
+
+
+def drain(ring, d, timeout=2.0):
+    with gevent.Timeout(timeout):
+        while d.stages[-1].sequence.value < ring.cursor.value:
+            gevent.sleep(0.001)
+
+
+@pytest.mark.parametrize("strategy", WAIT_STRATEGY_NAMES)
+def test_every_stage_sees_every_slot_in_order_after_the_stage_before(strategy):
+    ring, d, log, _ = make(8, strategy)
+    for i in range(50):
+        publish_when_free(ring, i)
+    drain(ring, d)
+    d.halt()
+    for name in "abc":
+        assert [v for n, v in log if n == name] == list(range(50))
+    position = {entry: i for i, entry in enumerate(log)}
+    for i in range(50):
+        assert position[("a", i)] < position[("b", i)] < position[("c", i)]
+
+
+def publish_when_free(ring, value):
+    while True:
+        try:
+            return publish(ring, value)
+        except RingFullError:
+            gevent.sleep(0.001)
+
+
+def test_ring_wraps_around_many_times_with_reused_slots():
+    ring, d, log, _ = make(4)
+    slots = {id(ring.get(i)) for i in range(4)}
+    for i in range(100):
+        publish_when_free(ring, i)
+    drain(ring, d)
+    assert [v for n, v in log if n == "c"] == list(range(100))
+    assert {id(ring.get(i)) for i in range(100)} == slots  # never recreated
+
+
+def test_ring_full_rejects_at_once_without_blocking():
+    gate = gevent.event.Event()
+
+    def stuck(ev):
+        gate.wait()
+
+    ring, d, log, _ = make(4, handlers=["a", ("stuck", stuck)])
+    for i in range(4):
+        publish(ring, i)
+    gevent.sleep(0.01)
+    with gevent.Timeout(0.5):  # would hang if the producer blocked
+        with pytest.raises(RingFullError):
+            ring.try_claim()
+    assert ring.remaining() == 0
+    gate.set()
+    drain(ring, d)
+    assert ring.remaining() == 4
+    publish(ring, 99)  # room again
+
+
+def test_stage_processes_everything_available_in_one_batch():
+    ring, d, log, _ = make(64)
+    for i in range(40):  # no yield between publishes
+        publish(ring, i)
+    drain(ring, d)
+    assert d.stages[0].batches == 1 and d.stages[0].processed == 40
+
+
+def test_an_exception_in_a_stage_is_recorded_on_the_slot_and_the_stage_goes_on():
+    def fails_on_3(ev):
+        if ev.value == 3:
+            raise ValueError("bad slot")
+
+    ring, d, log, crashes = make(8, handlers=["a", ("b", fails_on_3), "c"])
+    for i in range(6):
+        publish(ring, i)
+    drain(ring, d)
+    assert ("error:b", 3) in log
+    assert [v for n, v in log if n == "c"] == list(range(6))
+    assert not crashes and all(not s.greenlet.dead for s in d.stages)
+
+
+class StageBug(BaseException):
+    """Escapes the per-slot ``except Exception``, as a bug in the loop itself would."""
+
+
+def test_a_crashed_stage_greenlet_is_reported_not_a_silent_stall(greenlet_errors):
+    ring, d, log, crashes = make(8)
+    d.stages[1].greenlet.kill(StageBug("boom"), block=True)
+    gevent.sleep(0)
+    assert len(crashes) == 1 and isinstance(crashes[0], StageBug)
+    assert d.stages[1].crashed is not None
+    greenlet_errors.clear()  # this crash is the one under test
+
+
+@pytest.mark.parametrize("strategy", WAIT_STRATEGY_NAMES)
+def test_idle_stages_never_starve_other_greenlets(strategy):
+    ring, d, log, _ = make(8, strategy)
+    ticks = []
+
+    def ticker():
+        for _ in range(20):
+            ticks.append(1)
+            gevent.sleep(0.001)
+
+    g = gevent.spawn(ticker)
+    with gevent.Timeout(2):
+        g.join()
+    assert len(ticks) == 20
+    publish(ring, 1)
+    drain(ring, d)
+    d.halt()
+    gevent.sleep(0.01)
+
+
+def test_ring_size_must_be_a_power_of_two():
+    with pytest.raises(ValueError, match="power of two"):
+        RingBuffer(1000, Event, create_wait_strategy("blocking"))
+
+
+def test_unknown_wait_strategy_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="blocking, yielding, sleeping, busy-spin"):
+        create_wait_strategy("spinny")
