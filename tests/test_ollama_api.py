@@ -189,7 +189,7 @@ def test_root_answers_ollama_is_running_for_get_and_head(pool):
 
 
 def test_body_is_forwarded_byte_for_byte_whatever_the_content_type(pool):
-    lb, a, b = pool
+    lb, _a, b = pool
     raw = b'{"model":"mistral","prompt":"hi","stream":false,"x-unknown":{"kept":[1,2]}}'
     r = _post(lb, "/api/generate", raw,
               headers={"Content-Type": "application/x-www-form-urlencoded"})

@@ -96,13 +96,12 @@ def test_ring_full_rejects_at_once_without_blocking():
     def stuck(ev):
         gate.wait()
 
-    ring, d, log, _ = make(4, handlers=["a", ("stuck", stuck)])
+    ring, d, _log, _ = make(4, handlers=["a", ("stuck", stuck)])
     for i in range(4):
         publish(ring, i)
     gevent.sleep(0.01)
-    with gevent.Timeout(0.5):  # would hang if the producer blocked
-        with pytest.raises(RingFullError):
-            ring.try_claim()
+    with gevent.Timeout(0.5), pytest.raises(RingFullError):  # would hang if it blocked
+        ring.try_claim()
     assert ring.remaining() == 0
     gate.set()
     drain(ring, d)
@@ -111,7 +110,7 @@ def test_ring_full_rejects_at_once_without_blocking():
 
 
 def test_stage_processes_everything_available_in_one_batch():
-    ring, d, log, _ = make(64)
+    ring, d, _log, _ = make(64)
     for i in range(40):  # no yield between publishes
         publish(ring, i)
     drain(ring, d)
@@ -137,7 +136,7 @@ class StageBug(BaseException):
 
 
 def test_a_crashed_stage_greenlet_is_reported_not_a_silent_stall(greenlet_errors):
-    ring, d, log, crashes = make(8)
+    _ring, d, _log, crashes = make(8)
     d.stages[1].greenlet.kill(StageBug("boom"), block=True)
     gevent.sleep(0)
     assert len(crashes) == 1 and isinstance(crashes[0], StageBug)
@@ -147,7 +146,7 @@ def test_a_crashed_stage_greenlet_is_reported_not_a_silent_stall(greenlet_errors
 
 @pytest.mark.parametrize("strategy", WAIT_STRATEGY_NAMES)
 def test_idle_stages_never_starve_other_greenlets(strategy):
-    ring, d, log, _ = make(8, strategy)
+    ring, d, _log, _ = make(8, strategy)
     ticks = []
 
     def ticker():
