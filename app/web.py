@@ -8,7 +8,7 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from app import admin, ops, proxy
+from app import admin, manage, ops, proxy
 from app.errors import error_body, json_response, plain
 from pipeline.factory import PipelineFactory
 
@@ -21,7 +21,7 @@ def create_app(factory: PipelineFactory, reload_state: Any = None) -> Flask:
     if reload_state is not None:
         app.extensions["ollama_lb.reload"] = reload_state
     app.url_map.strict_slashes = False
-    for bp in (proxy.bp, ops.bp, admin.bp):
+    for bp in (proxy.bp, manage.bp, ops.bp, admin.bp):
         app.register_blueprint(bp)
 
     @app.errorhandler(HTTPException)

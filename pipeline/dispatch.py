@@ -42,11 +42,33 @@ class FirstByteTimeout(Exception):
     """No response headers within the first-byte timeout."""
 
 
+def well_formed(body: bytes) -> bool:
+    """Is a complete JSON reply parseable? (Large bodies: a cheap shape check only.)"""
+    if not body:
+        return True  # copy/delete answer 200 with an empty body
+    if len(body) > 256 * 1024:
+        stripped = body.strip()
+        return stripped[:1] in (b"{", b"[") and stripped[-1:] in (b"}", b"]")
+    try:
+        json.loads(body)
+    except ValueError:
+        return False
+    return True
+
+
 def backoff_delay(attempt: int, initial_s: float, multiplier: float, max_s: float,
                   rng: Callable[[], float] = random.random) -> float:
     """Exponential backoff with equal jitter for retry ``attempt`` (1-based)."""
     base = min(max_s, initial_s * multiplier ** (attempt - 1))
     return base / 2 + rng() * base / 2
+
+
+def set_read_timeout(resp: requests.Response, seconds: float) -> None:
+    """Change the socket timeout for the rest of the body (urllib3 2.x exposes the socket)."""
+    conn = getattr(resp.raw, "connection", None)
+    sock = getattr(conn, "sock", None)
+    if sock is not None:
+        sock.settimeout(seconds)
 
 
 def describe(exc: BaseException) -> str:
@@ -58,7 +80,8 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, requests.ReadTimeout):
         return "read timed out"
     text = str(exc)
-    for marker, reason in (("Connection refused", "connection refused"),
+    for marker, reason in (("Read timed out", "read timed out"),
+                           ("Connection refused", "connection refused"),
                            ("reset by peer", "connection reset"),
                            ("RemoteDisconnected", "connection closed before a response"),
                            ("Connection aborted", "connection aborted")):
@@ -100,30 +123,11 @@ class Dispatcher:
                 remaining = ticket.deadline - time.monotonic()
                 if remaining <= 0:
                     raise PipelineError(ErrorCode.TIMEOUT, "request timed out")
-                t0 = time.monotonic()
-                try:
-                    resp = self._send(ticket, held, remaining)
-                except (*TRANSPORT_ERRORS, FirstByteTimeout) as exc:
-                    last_error = f"node {held.id}: {describe(exc)}"
-                    held.record_failure(last_error, live=True)
-                    log.info("upstream failure", extra={"event": "upstream_failure",
-                             "node": held.id, "error": last_error, "request_id":
-                             ticket.request.request_id, "attempt": ticket.attempts})
-                else:
-                    if resp.status_code in RETRYABLE_STATUS and self._may_retry(ticket):
-                        last_error = f"node {held.id}: HTTP {resp.status_code}"
-                        held.record_failure(last_error, live=True)
-                        resp.close()
-                    else:
-                        ttfb = time.monotonic() - t0
-                        if resp.status_code >= 500:
-                            held.record_failure(f"HTTP {resp.status_code}", live=True)
-                        else:
-                            held.record_success(ttfb)
-                        ticket.first_byte_at = time.monotonic()
-                        self._deliver(ticket, held, resp)
-                        held = None  # delivered: released by _deliver or by the stream
-                        return
+                failure = self._attempt(ticket, held, remaining, tried)
+                if failure is None:
+                    held = None  # handed over: released by the reply or its stream
+                    return
+                last_error = failure
                 tried.append(held)
                 p.registry.release(held)
                 held = None
@@ -132,13 +136,16 @@ class Dispatcher:
                 if not self._may_retry(ticket):
                     break
                 held = self._next_node(ticket, tried)
-                if held is None:
-                    break
-                p.metrics.retry(held.id)
+                if held is not None:
+                    p.metrics.retry(held.id)
+                elif p.requeue(ticket):
+                    return  # every node is busy: wait for capacity like any other request
             raise PipelineError(ErrorCode.UPSTREAM, last_error, retry_after=1.0)
         except PipelineError as err:
             p.finish(ticket, err.code.value, error=err)
         except gevent.GreenletExit:
+            if held is not None:
+                held.breaker.release_trial()  # no verdict: let another trial through
             p.finish(ticket, "CANCELLED")
             raise
         except Exception as exc:  # a bug: answer the caller, never leave it hanging
@@ -148,6 +155,141 @@ class Dispatcher:
         finally:
             if held is not None:
                 p.registry.release(held)
+
+    def _attempt(self, ticket: Ticket, node: Node, remaining: float,
+                 tried: list[Node]) -> str | None:
+        """One try on ``node``: None once the reply is handed over, else why it failed.
+
+        A failure returned here happened before any byte reached the caller, so it may be
+        retried; the caller still holds (and releases) the node slot.
+        """
+        t0 = time.monotonic()
+        try:
+            resp = self._send(ticket, node, remaining)
+        except (*TRANSPORT_ERRORS, FirstByteTimeout) as exc:
+            return self._failed(ticket, node, describe(exc))
+        status = resp.status_code
+        ctype = resp.headers.get("Content-Type", "application/json; charset=utf-8")
+        if status == 404 and self._stale_model(ticket, node, tried):
+            resp.close()
+            return f"node {node.id}: model not found there (stale model list)"
+        if status in RETRYABLE_STATUS and self._may_retry(ticket):
+            resp.close()
+            return self._failed(ticket, node, f"HTTP {status}")
+        if is_stream(ctype) and status < 300:
+            self._succeeded(ticket, node, time.monotonic() - t0)
+            self._hand_over_stream(ticket, node, resp, ctype)
+            return None
+        # A complete reply is read whole before anything is sent, so a broken one is retried.
+        try:
+            with gevent.Timeout(max(0.001, ticket.deadline - time.monotonic()),
+                                PipelineError(ErrorCode.TIMEOUT, "request timed out")):
+                body = resp.content
+        except TRANSPORT_ERRORS as exc:
+            return self._failed(ticket, node, f"{describe(exc)} while reading the reply")
+        finally:
+            resp.close()
+        if status == 200 and "json" in ctype and not well_formed(body):
+            return self._failed(ticket, node, "malformed JSON reply")
+        if status >= 500:
+            node.record_failure(f"node {node.id}: HTTP {status}", live=True)
+            ticket.first_byte_at = time.monotonic()
+        else:
+            self._succeeded(ticket, node, time.monotonic() - t0)
+        self.p.registry.release(node)
+        self.p.observe_body(ticket, body)
+        ticket.set(InferenceResponse(status, ctype, body, node.id, ticket.attempts))
+        self.p.finish(ticket, str(status))
+        return None
+
+    def _failed(self, ticket: Ticket, node: Node, reason: str) -> str:
+        full = f"node {node.id}: {reason}"
+        node.record_failure(full, live=True)
+        log.info("upstream failure", extra={"event": "upstream_failure", "node": node.id,
+                                            "error": full, "attempt": ticket.attempts,
+                                            "request_id": ticket.request.request_id})
+        return full
+
+    def _succeeded(self, ticket: Ticket, node: Node, ttfb: float) -> None:
+        ticket.first_byte_at = time.monotonic()
+        node.record_success(ttfb)
+        if ticket.endpoint is not None and ticket.endpoint.loads_model and ticket.model:
+            node.loaded.add(ticket.model)
+
+    def _hand_over_stream(self, ticket: Ticket, node: Node, resp: requests.Response,
+                          ctype: str) -> None:
+        relay = StreamRelay(self.p, ticket, node, resp)
+        handle = StreamHandle(resp.status_code, ctype, relay.lines(), relay.close, node.id,
+                              ticket.attempts)
+        if ticket.done():  # the caller went away meanwhile
+            handle.close()
+            return
+        ticket.on_cancel = handle.close
+        ticket.set(handle)
+
+    def _stale_model(self, ticket: Ticket, node: Node, tried: list[Node]) -> bool:
+        """A 404 from a node we believed had the model: forget it there, try another once.
+
+        Only a discovered model can be stale (a configured one is the operator's word), and
+        only one such retry is made per request.
+        """
+        model = ticket.model or ""
+        if node.installed is None or model not in node.installed or model in node.static_models:
+            return False
+        node.installed.discard(model)
+        node.loaded.discard(model)
+        others = [n for n in self.p.registry.all_nodes()
+                  if n is not node and n not in tried and n.has_model(model)]
+        return bool(others) and time.monotonic() < ticket.deadline
+
+    def fan_out(self, ticket: Ticket) -> None:
+        """Send one request to every node that has the model (unload); answer once."""
+        g = self.p.pool.spawn(self._fan_out, ticket)
+        ticket.on_cancel = g.kill
+
+    def _fan_out(self, ticket: Ticket) -> None:
+        p = self.p
+        model = ticket.model or ""
+        nodes = [n for n in p.registry.all_nodes() if n.enabled and n.admits()
+                 and n.has_model(model)]
+        t = p.config.timeouts
+
+        def one(node: Node) -> tuple[Node, int, str, bytes] | None:
+            req = ticket.request
+            remaining = max(0.001, ticket.deadline - time.monotonic())
+            try:
+                with gevent.Timeout(remaining):
+                    resp = p.upstream.send(node.url, req.method, req.path, req.body,
+                                           {"Content-Type": "application/json"},
+                                           t.connectTimeoutMs / 1000.0, remaining)
+                    try:
+                        body = resp.content
+                    finally:
+                        resp.close()
+            except (*TRANSPORT_ERRORS, gevent.Timeout):
+                return None
+            if resp.status_code == 200:
+                node.loaded.discard(model)
+            ctype = resp.headers.get("Content-Type", "application/json; charset=utf-8")
+            return node, resp.status_code, ctype, body
+
+        try:
+            jobs = [gevent.spawn(one, n) for n in nodes]
+            gevent.joinall(jobs)
+            results = [j.value for j in jobs if j.value is not None]
+            ticket.attempts = len(nodes)
+            ok = [r for r in results if r[1] == 200]
+            best = ok[0] if ok else (results[0] if results else None)
+            if best is None:
+                raise PipelineError(ErrorCode.NO_AVAILABLE_NODE,
+                                    f"no node could unload model '{ticket.model_raw}'",
+                                    retry_after=1.0)
+            node, status, ctype, body = best
+            ticket.node_id = node.id if len(nodes) == 1 else "all"
+            ticket.set(InferenceResponse(status, ctype, body, ticket.node_id, len(nodes)))
+            p.finish(ticket, str(status))
+        except PipelineError as err:
+            p.finish(ticket, err.code.value, error=err)
 
     def _may_retry(self, ticket: Ticket) -> bool:
         return (ticket.attempts <= self.p.config.retry.maxRetries
@@ -179,42 +321,14 @@ class Dispatcher:
                    else gevent.Timeout(remaining, PipelineError(ErrorCode.TIMEOUT,
                                                                 "request timed out")))
         with timeout:
-            return p.upstream.send(
+            resp = p.upstream.send(
                 node.url, req.method, req.path, req.body, headers,
                 connect_timeout=t.connectTimeoutMs / 1000.0,
-                read_timeout=t.streamIdleTimeoutMs / 1000.0,
+                read_timeout=min(first_byte, remaining) + 1.0,
                 pool_size=node.max_concurrent)
-
-    def _deliver(self, ticket: Ticket, node: Node, resp: requests.Response) -> None:
-        """Hand the reply over: a live stream, or a complete body read here."""
-        p = self.p
-        ctype = resp.headers.get("Content-Type", "application/json; charset=utf-8")
-        if is_stream(ctype) and resp.status_code < 300:
-            relay = StreamRelay(p, ticket, node, resp)
-            handle = StreamHandle(resp.status_code, ctype, relay.lines(), relay.close,
-                                  node.id, ticket.attempts)
-            if ticket.done():  # the caller went away meanwhile
-                handle.close()
-                return
-            ticket.on_cancel = handle.close
-            ticket.set(handle)
-            return
-        try:
-            remaining = max(0.001, ticket.deadline - time.monotonic())
-            with gevent.Timeout(remaining, PipelineError(ErrorCode.TIMEOUT,
-                                                         "request timed out")):
-                body = resp.content
-        except TRANSPORT_ERRORS as exc:
-            node.record_failure(f"node {node.id}: {describe(exc)}", live=True)
-            raise PipelineError(ErrorCode.UPSTREAM,
-                                f"node {node.id}: {describe(exc)}") from None
-        finally:
-            resp.close()
-            p.registry.release(node)
-        result = InferenceResponse(resp.status_code, ctype, body, node.id, ticket.attempts)
-        p.observe_body(ticket, body)
-        ticket.set(result)
-        p.finish(ticket, str(resp.status_code))
+        # The headers are in: from here on, silence means a stalled stream, not a cold load.
+        set_read_timeout(resp, t.streamIdleTimeoutMs / 1000.0)
+        return resp
 
 
 class StreamRelay:
@@ -227,6 +341,7 @@ class StreamRelay:
         self.node = node
         self.resp = resp
         self.outcome = str(resp.status_code)
+        self.ndjson = "ndjson" in resp.headers.get("Content-Type", "")
         self.last_line = b""
         self.complete = False  # the node's stream was read to its end
         self.closed = False
@@ -235,6 +350,13 @@ class StreamRelay:
         try:
             for piece in whole_lines(self.resp.iter_content(chunk_size=None)):
                 self.last_line = piece
+                if self.ndjson and not (piece.startswith(b"{") and piece.endswith(b"}\n")):
+                    reason = f"node {self.node.id}: malformed line in the stream"
+                    self.node.record_failure(reason, live=True)
+                    self.outcome = "STREAM_BROKEN"
+                    self.complete = True
+                    yield self.error_line(reason)
+                    return
                 if piece.startswith(b'{"error"'):
                     self.node.record_failure(f"node {self.node.id}: error in stream",
                                              live=True)

@@ -21,6 +21,8 @@ class Endpoint:
     openai: bool = False  # /v1: OpenAI error shapes and SSE streams
     can_stream: bool = True
     name_fallback: bool = False  # accepts the old `name` field in place of `model`
+    loads_model: bool = True  # a success means the node now has the model loaded
+    unloads: bool = False  # empty prompt/messages with keep_alive 0 unloads (fan-out)
 
 
 _SINGLE, _PULL = "single", "pull"
@@ -28,16 +30,18 @@ _SINGLE, _PULL = "single", "pull"
 ENDPOINTS: dict[str, Endpoint] = {
     e.path: e
     for e in (
-        Endpoint("/api/generate", True, True, _SINGLE),
-        Endpoint("/api/chat", True, False, _SINGLE),
+        Endpoint("/api/generate", True, True, _SINGLE, unloads=True),
+        Endpoint("/api/chat", True, False, _SINGLE, unloads=True),
         Endpoint("/api/embed", False, True, _PULL, can_stream=False),
         Endpoint("/api/embeddings", False, False, _PULL, can_stream=False),
-        Endpoint("/api/show", False, False, _SINGLE, can_stream=False, name_fallback=True),
-        Endpoint("/api/push", True, False, _SINGLE, name_fallback=True),
+        Endpoint("/api/show", False, False, _SINGLE, can_stream=False, name_fallback=True,
+                 loads_model=False),
+        Endpoint("/api/push", True, False, _SINGLE, name_fallback=True, loads_model=False),
         Endpoint("/v1/chat/completions", False, False, _SINGLE, openai=True),
         Endpoint("/v1/completions", False, True, _SINGLE, openai=True),
         Endpoint("/v1/embeddings", False, True, _PULL, openai=True, can_stream=False),
-        Endpoint("/v1/models", False, False, _SINGLE, openai=True, can_stream=False),
+        Endpoint("/v1/models", False, False, _SINGLE, openai=True, can_stream=False,
+                 loads_model=False),
     )
 }
 # The seed's alias: /v1/inference is generate.

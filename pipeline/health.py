@@ -81,7 +81,7 @@ class HealthChecker:
             with gevent.Timeout(connect + read):
                 data = self.upstream.get_json(node.url, "/api/version", connect, read)
             node.version = str(data.get("version")) if isinstance(data, dict) else None
-            node.record_success()
+            node.record_success(live=False)
         except (Exception, gevent.Timeout) as exc:
             node.record_failure(f"health check: {type(exc).__name__}: {str(exc)[:120]}",
                                 live=False)

@@ -114,10 +114,16 @@ class Node:
 
     # --- health -------------------------------------------------------------------------------
 
-    def record_success(self, first_byte_s: float | None = None) -> None:
+    def record_success(self, first_byte_s: float | None = None, *, live: bool = True) -> None:
+        """A success resets health; only live traffic closes the circuit.
+
+        An answering ``/api/version`` does not prove inference works, so a probe never closes
+        a circuit opened by failing requests: the half-open trial request does.
+        """
         self.failures = 0
         self.health = Health.UP
-        self.breaker.record_success()
+        if live:
+            self.breaker.record_success()
         if first_byte_s is not None:
             prev = self.latency_ewma
             self.latency_ewma = first_byte_s if prev is None else 0.8 * prev + 0.2 * first_byte_s

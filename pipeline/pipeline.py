@@ -32,7 +32,7 @@ from pipeline.slot import Slot
 from pipeline.stage import Stage
 from pipeline.strategy import Strategy, StrategyFactory
 from pipeline.upstream import UpstreamClient
-from pipeline.validation import BadRequest, parse_body, prompt_length, read_facts
+from pipeline.validation import BadRequest, is_unload, parse_body, prompt_length, read_facts
 from pipeline.wait import create_wait_strategy
 from pipeline.waitqueue import CapacityQueue, Waiter
 from pipeline.wiring import Disruptor
@@ -221,6 +221,7 @@ class Pipeline:
             stream = bool(facts.get("stream", ep.stream_default)
                           if facts.get("stream") is not None else ep.stream_default)
             stream = stream and ep.can_stream
+            slot.fanout = ep.unloads and is_unload(payload)
             limit = self.config.validation.maxPromptLength
             if raw and (n := prompt_length(payload)) > limit:
                 slot.error = PipelineError(ErrorCode.VALIDATION, f"prompt is too long: {n} "
@@ -261,7 +262,7 @@ class Pipeline:
         slot.node = self.router.choose(slot.model, admitting)
 
     def _capacity(self, slot: Slot) -> None:
-        if slot.error is not None:
+        if slot.error is not None or slot.fanout:
             return
         node = slot.node
         if node is not None and node.try_acquire():
@@ -281,14 +282,19 @@ class Pipeline:
         ticket.on_cancel = lambda: self._cancel_waiter(waiter)
 
     def _dispatch(self, slot: Slot) -> None:
-        if slot.error is not None or slot.queued or slot.node is None:
+        if slot.error is not None or slot.queued:
             return
         assert slot.ticket is not None
-        self.dispatcher.start(slot.ticket, slot.node)
+        if slot.fanout:
+            self.dispatcher.fan_out(slot.ticket)
+        elif slot.node is not None:
+            self.dispatcher.start(slot.ticket, slot.node)
 
     def _metrics(self, slot: Slot) -> None:
         if slot.error is not None:
             outcome = "rejected"
+        elif slot.fanout:
+            outcome = "fanout"
         elif slot.queued:
             outcome = "queued"
         else:
@@ -336,6 +342,18 @@ class Pipeline:
                    "server busy, please try again.  timed out waiting for a free node",
                    self._retry_hint()))
         self.finish(waiter.ticket, err.code.value, error=err)
+
+    def requeue(self, ticket: Ticket) -> bool:
+        """A retry found no free node: wait in the capacity queue (False if it is full)."""
+        try:
+            waiter = self.queue.put(ticket, ticket.model or "",
+                                    ticket.deadline - time.monotonic())
+        except BackpressureError:
+            return False
+        ticket.on_cancel = lambda: self._cancel_waiter(waiter)
+        self.metrics.retry("queued")
+        self.poke()
+        return True
 
     def _cancel_waiter(self, waiter: Waiter) -> None:
         if self.queue.remove(waiter):

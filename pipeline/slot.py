@@ -16,8 +16,8 @@ from pipeline.request import InferenceRequest, Ticket
 
 
 class Slot:
-    __slots__ = ("endpoint", "error", "model", "model_raw", "node", "payload", "queued",
-                 "request", "stream", "ticket")
+    __slots__ = ("endpoint", "error", "fanout", "model", "model_raw", "node", "payload",
+                 "queued", "request", "stream", "ticket")
 
     def __init__(self) -> None:
         self.reset()
@@ -40,5 +40,7 @@ class Slot:
         self.node: Node | None = None
         #: True once the request waits for node capacity outside the ring
         self.queued: bool = False
+        #: True for an unload (keep_alive 0, nothing to generate): sent to every node
+        self.fanout: bool = False
         #: the first error any stage recorded; later stages skip the slot
         self.error: PipelineError | None = None

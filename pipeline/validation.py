@@ -131,3 +131,14 @@ def prompt_length(payload: dict[str, Any]) -> int:
     """Characters of prompt text in any endpoint's body (prompt, system, messages, input)."""
     return (_text_len(payload.get("prompt")) + _text_len(payload.get("system"))
             + _text_len(payload.get("messages")) + _text_len(payload.get("input")))
+
+
+ZERO_DURATIONS = {"0", "0s", "0m", "0h", "0ms", "-0"}
+
+
+def is_unload(payload: dict[str, Any]) -> bool:
+    """Empty prompt (or messages) with keep_alive 0: the client means "free this model"."""
+    keep = payload.get("keep_alive")
+    zero = (keep == 0 and not isinstance(keep, bool)) or (
+        isinstance(keep, str) and keep.strip() in ZERO_DURATIONS)
+    return zero and not payload.get("prompt") and not payload.get("messages")

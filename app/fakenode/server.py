@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from app.fakenode.sim import Profile, make_profile
 from app.fakenode.wsgi import FakeNode
-from app.netutil import make_listener
+from app.netutil import abort, make_listener
 
 
 class _Handler(WSGIHandler):
-    """Exposes the connection to the app, for the reset faults."""
+    """Exposes the connection to the app, for the reset faults, and tracks it."""
+
+    # A reset fault closes the socket under pywsgi's feet: EBADF is expected, not a crash.
+    ignored_socket_errors = (*WSGIHandler.ignored_socket_errors, errno.EBADF)
+
+    def handle(self) -> None:
+        live, sock = self.server.live_sockets, self.socket
+        live.add(sock)
+        try:
+            super().handle()
+        finally:
+            live.discard(sock)
 
     def get_environ(self) -> dict[str, Any]:
         env = super().get_environ()
@@ -46,14 +58,18 @@ class FakeNodeServer:
         self.port = listener.getsockname()[1]
         self._server = WSGIServer(listener, self.node, handler_class=_Handler, log=None,
                                   error_log=None)
+        self._server.live_sockets = set()  # type: ignore[attr-defined]
         self._server.start()
         return self
 
     def refuse(self) -> None:
-        """Stop listening: new connections are refused, as from a dead box."""
+        """Stop listening and drop every connection, as a dead box does."""
         if self._server is not None:
-            self._server.stop(timeout=0.5)
-            self._server = None
+            server, self._server = self._server, None
+            server.close()
+            for sock in list(server.live_sockets):  # type: ignore[attr-defined]
+                abort(sock)
+            server.stop(timeout=0.5)
 
     def resume(self) -> None:
         if self._server is None:

@@ -4,7 +4,8 @@ Plain WSGI rather than Flask: as the "direct" baseline in benchmarks it must cos
 possible, so that the appliance's overhead is what the numbers show.
 
 Fault knobs (``FakeNode.set_fault``), for the chaos tests: ``hang`` (never answer),
-``reset`` (RST before headers), ``reset-mid-stream``, ``error-mid-stream``, ``500``, ``503``,
+``reset`` (RST before headers), ``reset-mid-stream``, ``error-mid-stream``,
+``stall-mid-stream`` (stops sending after two tokens), ``500``, ``503``,
 ``malformed`` (invalid JSON), ``flap`` (alternates healthy and reset every ``flap_period``
 seconds, health checks included). ``refuse`` is a server-level state (see server.py).
 """
@@ -30,8 +31,8 @@ JSON = "application/json; charset=utf-8"
 BUSY = "server busy, please try again.  maximum pending requests exceeded"
 INFERENCE = {"/api/generate", "/api/chat", "/api/embed", "/api/embeddings",
              "/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
-FAULTS = ("none", "hang", "reset", "reset-mid-stream", "error-mid-stream", "500", "503",
-          "malformed", "flap", "refuse")
+FAULTS = ("none", "hang", "reset", "reset-mid-stream", "error-mid-stream", "stall-mid-stream",
+          "500", "503", "malformed", "flap", "refuse")
 STATUS_TEXT = {200: "OK", 201: "Created", 400: "Bad Request", 403: "Forbidden",
                404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error",
                503: "Service Unavailable"}
@@ -91,7 +92,7 @@ class FakeNode:
             ("POST", "/api/embed"): self.embed, ("POST", "/api/embeddings"): self.embeddings,
             ("POST", "/api/show"): self.show, ("POST", "/api/push"): self.push,
             ("POST", "/api/pull"): self.pull, ("DELETE", "/api/delete"): self.delete,
-            ("POST", "/api/copy"): self.copy,
+            ("POST", "/api/copy"): self.copy, ("POST", "/api/create"): self.create,
             ("GET", "/api/tags"): self.tags, ("GET", "/api/ps"): self.ps,
             ("GET", "/api/version"): self.version_reply, ("GET", "/"): self.root,
             ("POST", "/v1/chat/completions"): self.v1_chat,
@@ -101,6 +102,7 @@ class FakeNode:
             ("POST", "/_fake/fault"): self.fault_reply,
         }
         self.known_paths = {p for _, p in self.routes}
+        self.blobs: set[str] = set()
 
     @property
     def stats(self) -> Any:
@@ -139,6 +141,8 @@ class FakeNode:
         handler = self.routes.get((lookup, path))
         if handler is None and lookup == "GET" and path.startswith("/v1/models/"):
             handler = self.v1_model
+        if handler is None and path.startswith("/api/blobs/") and method in ("HEAD", "POST"):
+            return self.blob(environ, start_response, method, path[len("/api/blobs/"):])
         if handler is None:
             if path in self.known_paths:
                 return _text(start_response, 405, "405 method not allowed")
@@ -222,6 +226,8 @@ class FakeNode:
             if i == 2 and fault == "reset-mid-stream":
                 abort(environ.get("ollama_lb.socket"))
                 raise StreamReset()
+            if i == 2 and fault == "stall-mid-stream":
+                gevent.sleep(3600)
             if i == 2 and fault == "error-mid-stream":
                 raise MidStreamError("an error was encountered while running the model")
             yield tok
@@ -468,6 +474,37 @@ class FakeNode:
         self.sim.installed[canonical(dst)] = display(dst)
         self.sim.modified[canonical(dst)] = time.time()
         return _raw(sr, 200, JSON, b"")
+
+    def create(self, environ: dict[str, Any], sr: StartResponse, body: dict[str, Any]
+               ) -> Iterable[bytes]:
+        model = body.get("model") or body.get("name") or ""
+        source = body.get("from")
+        if not model:
+            raise HTTPError(400, "model is required")
+        if source and not self.sim.has(str(source)):
+            raise HTTPError(404, f"model '{source}' not found")
+        self.sim.installed[canonical(model)] = display(model)
+        self.sim.modified[canonical(model)] = time.time()
+        steps = [{"status": "using existing layer"}, {"status": "writing manifest"},
+                 {"status": "success"}]
+        return self._progress(sr, body, steps)
+
+    def blob(self, environ: dict[str, Any], sr: StartResponse, method: str, digest: str
+             ) -> list[bytes]:
+        import hashlib
+        if not re.fullmatch(r"sha256[:-][0-9a-f]{64}", digest):
+            return _json(sr, 400, {"error": "invalid digest format"})
+        if method == "HEAD":
+            return _raw(sr, 200 if digest in self.blobs else 404, JSON, b"")
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        data = environ["wsgi.input"].read(length) if length else environ["wsgi.input"].read()
+        got = "sha256:" + hashlib.sha256(data).hexdigest()
+        if got.replace(":", "-") != digest.replace(":", "-"):
+            return _json(sr, 400, {"error": f'digest mismatch, expected "{digest}", got '
+                                   f'"{got}"'})
+        existed = digest in self.blobs
+        self.blobs.add(digest)
+        return _raw(sr, 200 if existed else 201, JSON, b"")
 
     # --- OpenAI-compatible endpoints ----------------------------------------------------------
 
