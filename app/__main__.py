@@ -2,7 +2,7 @@
 
 from gevent import monkey
 
-monkey.patch_all()
+monkey.patch_all(thread=False, queue=False, select=False)  # watchdog: see app/reload.py
 
 import sys
 

@@ -6,7 +6,7 @@ Flask, so the patch is the first statement here and in ``app/__main__.py``.
 
 from gevent import monkey
 
-monkey.patch_all()
+monkey.patch_all(thread=False, queue=False, select=False)  # watchdog: see app/reload.py
 
 import argparse
 import sys

@@ -74,7 +74,8 @@ def pull() -> Response:
         return data
     if not _model_of(data):
         return json_response({"error": "invalid model name"}, 400)
-    return _progress(data, "pulling manifest", lambda: factory().fan_out.pull(data))
+    fan_out = factory().fan_out  # the stream runs after the view returns: no app context
+    return _progress(data, "pulling manifest", lambda: fan_out.pull(data))
 
 
 @bp.post("/api/create")
@@ -84,7 +85,8 @@ def create() -> Response:
         return data
     if not _model_of(data):
         return json_response({"error": "model is required"}, 400)
-    return _progress(data, "creating model", lambda: factory().fan_out.create(data))
+    fan_out = factory().fan_out
+    return _progress(data, "creating model", lambda: fan_out.create(data))
 
 
 @bp.delete("/api/delete")

@@ -5,10 +5,15 @@ config in force; the reason (every problem, by key path) is logged, counted, and
 /health and GET /admin/config until a good file replaces it. Keys only a restart can apply
 are reported as such and keep their running values.
 
-watchdog runs its observer in a native thread. That thread never touches gevent objects: it
-only calls ``async_.send()`` on a hub watcher, which is thread-safe, and the debounced reload
-runs on the hub. The directory is watched, not the file, because editors and Kubernetes
-ConfigMaps replace files by rename or symlink swap.
+watchdog runs its observer in a native thread, so the process patches everything except
+``threading``, ``queue`` and ``select`` (``monkey.patch_all(thread=False, queue=False,
+select=False)``): watchdog's threads, queues and its ``poll()`` on the inotify descriptor stay
+real and run off the hub. Nothing on the hub blocks on those three: sockets, sleeps, DNS and
+subprocesses are still gevent's, and urllib3 only polls sockets with a zero timeout. The
+watchdog thread never touches gevent objects: it only calls ``async_.send()`` on a hub
+watcher, which is thread-safe, and the debounced reload runs on the hub. The directory is
+watched, not the file, because editors and Kubernetes ConfigMaps replace files by rename or
+symlink swap.
 """
 
 from __future__ import annotations

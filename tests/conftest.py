@@ -8,7 +8,7 @@ that dies with an exception fails the test too.
 
 from gevent import monkey
 
-monkey.patch_all()
+monkey.patch_all(thread=False, queue=False, select=False)  # watchdog: see app/reload.py
 
 import os
 from collections.abc import Callable, Iterator
