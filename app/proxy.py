@@ -51,7 +51,8 @@ def _submit(path: str, body: bytes, method: str = "POST", model: str | None = No
     rid = request_id()
     headers = tuple((h, request.headers[h]) for h in FORWARDED if h in request.headers)
     req = InferenceRequest(path=path, body=body, method=method, model=model, headers=headers,
-                           request_id=rid, client=request.remote_addr or "")
+                           request_id=rid, client=request.remote_addr or "",
+                           correlation_id=request.headers.get("X-Correlation-ID"))
     try:
         result = factory().pipeline.submit(req).result()
     except PipelineError as err:

@@ -149,10 +149,13 @@ class OllamaLoadBalancerApplication:
         now = time.monotonic()
         first = ticket.first_byte_at
         access.info("request", extra={
-            "event": "request", "request_id": req.request_id, "client": req.client,
+            "event": "request", "request_id": req.request_id,
+            "correlation_id": req.correlation_id, "client": req.client,
             "method": req.method, "path": req.path, "model": ticket.model_raw or None,
             "node": ticket.node_id, "status": ticket.status, "attempts": ticket.attempts,
             "queue_wait_ms": round(ticket.queue_wait * 1000, 2),
             "ttfb_ms": round((first - ticket.submitted_at) * 1000, 2) if first else None,
             "duration_ms": round((now - ticket.submitted_at) * 1000, 2),
-            "stream": ticket.stream})
+            "stream": ticket.stream, "tokens": ticket.tokens,
+            **({"body": req.body[:4096].decode(errors="replace")}
+               if self.factory is not None and self.factory.config.logging.logBodies else {})})

@@ -18,6 +18,7 @@ from typing import Any
 
 from gevent.pool import Pool
 
+from pipeline.breaker import CircuitState
 from pipeline.config import Config
 from pipeline.dispatch import Dispatcher
 from pipeline.endpoints import endpoint_for, not_found_message
@@ -109,6 +110,7 @@ class Pipeline:
             .then(("complete", self._complete))
         )
         registry.on_capacity = self._on_capacity
+        registry.on_circuit_change = self._circuit_changed
         metrics.bind(self)
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -135,6 +137,14 @@ class Pipeline:
     @property
     def stages(self) -> list[Stage[Slot]]:
         return self.disruptor.stages
+
+    def _circuit_changed(self, node: Node, old: CircuitState, new: CircuitState) -> None:
+        self.metrics.circuit_transitions(node.id, new.value).inc()
+        log.warning("circuit state changed", extra={
+            "event": "circuit", "node": node.id, "from": old.value, "to": new.value,
+            "error": node.last_error})
+        if new is not CircuitState.OPEN:
+            self.poke()  # a trial may now go through: waiting requests can use it
 
     def _stage_crashed(self, stage: Stage[Slot], exc: BaseException) -> None:
         self.crashed = f"stage {stage.name} crashed: {exc!r}"
@@ -410,6 +420,7 @@ class Pipeline:
         except (ValueError, KeyError, TypeError):
             return
         model, node = self.model_label(ticket.model), ticket.node_id or "none"
+        ticket.tokens = count
         self.metrics.tokens(model, node).inc(count)
         if duration_ns > 0:
             self.metrics.token_rate(model, node).observe(count / (duration_ns / 1e9))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from pipeline.breaker import CircuitState
 from pipeline.config import Config
 from pipeline.node import Node
 
@@ -17,6 +18,9 @@ class NodeRegistry:
         self._nodes: dict[str, Node] = {}
         self._removed: dict[str, Node] = {}  # draining after removal from the config
         self.on_capacity: Callable[[Node], None] = lambda node: None
+        #: called on every circuit state change: (node, old state, new state)
+        self.on_circuit_change: Callable[[Node, CircuitState, CircuitState], None] = (
+            lambda node, old, new: None)
         self.apply(config)
 
     def apply(self, config: Config) -> dict[str, list[str]]:
@@ -35,7 +39,9 @@ class NodeRegistry:
                 node = self._removed.pop(node_id)
                 node.draining = False
             if node is None:
-                self._nodes[node_id] = Node(cfg, config)
+                node = self._nodes[node_id] = Node(cfg, config)
+                node.breaker.on_change = (
+                    lambda old, new, n=node: self.on_circuit_change(n, old, new))
                 changes["added"].append(node_id)
             else:
                 if node.cfg != cfg:

@@ -33,6 +33,7 @@ class InferenceRequest:
     model: str | None = None  # set when the model is not in the body (/v1/models/<name>)
     headers: tuple[tuple[str, str], ...] = ()  # forwarded to the node (User-Agent, Accept)
     request_id: str = field(default_factory=new_request_id)
+    correlation_id: str | None = None  # the client's X-Correlation-ID, logged as is
     client: str = "library"
     timeout_s: float | None = None  # overrides timeouts.requestTimeoutMs
 
@@ -157,7 +158,7 @@ class Ticket:
 
     __slots__ = ("_result", "attempts", "deadline", "endpoint", "finished", "first_byte_at",
                  "model", "model_raw", "node_id", "on_cancel", "queue_wait", "request",
-                 "status", "stream", "submitted_at")
+                 "status", "stream", "submitted_at", "tokens")
 
     def __init__(self, request: InferenceRequest, deadline: float) -> None:
         self.request = request
@@ -173,6 +174,7 @@ class Ticket:
         self.finished = False  # the pipeline's bookkeeping for this request is done
         self.status = ""  # outcome: the node's HTTP status or an error code
         self.queue_wait = 0.0
+        self.tokens: int | None = None  # eval_count of the reply, when it reports one
         self.first_byte_at: float | None = None
         self.on_cancel: Callable[[], None] | None = None
 

@@ -29,9 +29,9 @@ def write_config(path, nodes, **extra):
 class Proc:
     """``python -m app CONFIG`` with its JSON log read from stderr."""
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, *args: str) -> None:
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
-        self.p = subprocess.Popen([PY, "-m", "app", str(config)], stderr=subprocess.PIPE,
+        self.p = subprocess.Popen([PY, "-m", "app", str(config), *args], stderr=subprocess.PIPE,
                                   stdout=subprocess.DEVNULL, env=env)
         self.events: list[dict] = []
         self.url = ""
@@ -71,8 +71,8 @@ class Proc:
 def proc():
     started = []
 
-    def make(config):
-        p = Proc(config)
+    def make(config, *args):
+        p = Proc(config, *args)
         started.append(p)
         return p
 
@@ -183,3 +183,16 @@ def test_demo_prints_urls_and_serves_until_interrupted():
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_sighup_reloads_the_config(fake_node, tmp_path, proc):
+    a, b = fake_node(["m"]), fake_node(["m"])
+    path = write_config(tmp_path / "c.yaml", [a])
+    p = proc(path, "--no-watch")
+    write_config(path, [a, b])
+    p.p.send_signal(signal.SIGHUP)
+    event = p.wait_for("config_reload")
+    assert event["trigger"] == "SIGHUP" and event["changes"]["added"] == ["n1"]
+    nodes = requests.get(f"{p.url}/admin/nodes", timeout=5).json()["nodes"]
+    assert [n["id"] for n in nodes] == ["n0", "n1"]
+    assert p.stop() == 0
