@@ -24,8 +24,8 @@ run: install ## run the appliance with ./config.yaml (one node at 127.0.0.1:1143
 demo: install ## the appliance plus three simulated nodes on loopback, until Ctrl-C
 	$(VENV)/bin/ollama-lb demo
 
-test: install ## the test suite (unit, integration, chaos; deploy tests where the machine can)
-	$(PY) -m pytest
+test: install ## the test suite: unit, integration, chaos, process and deploy-file checks
+	$(PY) -m pytest -m "not deploy"
 
 lint: install ## ruff over the code and the tests
 	$(VENV)/bin/ruff check app pipeline tests
@@ -37,7 +37,7 @@ wheel: install ## build the wheel into dist/ (what deploy/install.sh installs)
 	$(PY) -m pip wheel --quiet --no-deps -w dist .
 
 test-deploy: install ## the deploy scripts on a booted systemd (root, systemd-nspawn)
-	$(PY) -m pytest tests/deploy -m deploy
+	$(PY) -m pytest tests/deploy -m deploy -v
 
 clean: ## remove the venv and build output
 	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Shared helpers for install.sh, upgrade.sh, rollback.sh and uninstall.sh. Sourced, not run.
+# shellcheck disable=SC2034  # variables are used by the scripts that source this file
+
+PREFIX=${OLLAMA_LB_PREFIX:-/opt/ollama-lb}
+RELEASES="$PREFIX/releases"
+CURRENT="$PREFIX/current"
+PREVIOUS_FILE="$PREFIX/previous"
+CONF_DIR=/etc/ollama-lb
+CONFIG="$CONF_DIR/config.yaml"
+ENV_FILE=/etc/default/ollama-lb
+UNIT=/etc/systemd/system/ollama-lb.service
+SYSCTL=/etc/sysctl.d/60-ollama-lb.conf
+SERVICE_USER=ollama-lb
+SERVICE=ollama-lb
+DEPLOY_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+say() { printf '==> %s\n' "$*"; }
+warn() { printf 'WARNING: %s\n' "$*" >&2; }
+die() { printf 'ERROR: %s\n' "$*" >&2; exit 1; }
+
+require_root() {
+    [ "$(id -u)" -eq 0 ] || die "run me as root (sudo $0)"
+}
+
+# The newest wheel next to the scripts or in ../dist, unless one was given.
+find_wheel() {
+    local given=${1:-}
+    if [ -n "$given" ]; then
+        [ -f "$given" ] || die "no wheel at $given"
+        printf '%s\n' "$given"
+        return
+    fi
+    local found
+    found=$(find "$DEPLOY_DIR" "$DEPLOY_DIR/../dist" -maxdepth 1 -name '*.whl' -printf '%T@ %p\n' \
+        2>/dev/null | sort -rn | head -n 1 | cut -d' ' -f2- || true)
+    [ -n "$found" ] || die "no wheel found: build one with 'make wheel' or pass --wheel FILE"
+    printf '%s\n' "$found"
+}
+
+# ollama_load_balancer-1.2.3-py3-none-any.whl -> 1.2.3
+wheel_version() {
+    basename "$1" | cut -d- -f2
+}
+
+# Install a wheel into releases/VERSION with its own venv; a complete release is kept as is.
+install_release() {
+    local wheel=$1 wheelhouse=${2:-} version dir
+    version=$(wheel_version "$wheel")
+    dir="$RELEASES/$version"
+    if [ -x "$dir/bin/ollama-lb" ] && [ -f "$dir/.complete" ]; then
+        say "release $version already installed in $dir"
+        printf '%s\n' "$dir"
+        return
+    fi
+    say "installing release $version into $dir" >&2
+    rm -rf "$dir"
+    mkdir -p "$RELEASES"
+    python3 -m venv "$dir" >&2
+    local pip=("$dir/bin/pip" install --quiet --disable-pip-version-check)
+    if [ -n "$wheelhouse" ]; then
+        pip+=(--no-index --find-links "$wheelhouse")
+    fi
+    # env -i: no PIP_* settings from the caller's environment leak into the install
+    env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root "${pip[@]}" "$wheel" >&2 \
+        || { rm -rf "$dir"; die "pip could not install $wheel"; }
+    mkdir -p "$dir/share/doc/ollama-lb"
+    cp "$DEPLOY_DIR/README.md" "$dir/share/doc/ollama-lb/README.md"
+    touch "$dir/.complete"
+    printf '%s\n' "$dir"
+}
+
+# Point current at a release atomically (rename of a new symlink over the old one).
+switch_current() {
+    local target=$1
+    ln -sfn "$target" "$CURRENT.new"
+    mv -T "$CURRENT.new" "$CURRENT"
+}
+
+current_release() {
+    readlink -f "$CURRENT" 2>/dev/null || true
+}
+
+# Where /health/live answers, read from the config by the release's own loader.
+health_url() {
+    "$CURRENT/bin/python" - "$CONFIG" <<'PY'
+import sys
+from pipeline.config import load_config
+c = load_config(sys.argv[1]).server
+host = "127.0.0.1" if c.host in ("0.0.0.0", "") else ("::1" if c.host == "::" else c.host)
+host = f"[{host}]" if ":" in host else host
+print(f"http://{host}:{c.port}/health/live")
+PY
+}
+
+# Wait until the service is active and /health/live answers 200.
+wait_healthy() {
+    local timeout=${1:-30} url deadline
+    url=$(health_url) || return 1
+    deadline=$((SECONDS + timeout))
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        if systemctl is-active --quiet "$SERVICE" && "$CURRENT/bin/python" - "$url" <<'PY'
+import sys, urllib.request
+try:
+    sys.exit(0 if urllib.request.urlopen(sys.argv[1], timeout=2).status == 200 else 1)
+except Exception:
+    sys.exit(1)
+PY
+        then
+            say "healthy: $url"
+            return 0
+        fi
+        sleep 1
+    done
+    warn "not healthy after ${timeout}s ($url)"
+    return 1
+}
+
+check_config() {
+    "$1/bin/ollama-lb" check-config "$CONFIG"
+}

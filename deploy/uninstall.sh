@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Remove ollama-lb. Keeps /etc/ollama-lb, /etc/default/ollama-lb, the service user and the
+# journal unless --purge.
+#
+#   sudo deploy/uninstall.sh [--purge]
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "$0")/lib.sh"
+
+PURGE=0
+while [ $# -gt 0 ]; do
+    case $1 in
+        --purge) PURGE=1; shift ;;
+        -h|--help) sed -n '2,5p' "$0"; exit 0 ;;
+        *) die "unknown option $1 (see --help)" ;;
+    esac
+done
+require_root
+
+if systemctl list-unit-files "$SERVICE.service" >/dev/null 2>&1; then
+    systemctl disable --now --quiet "$SERVICE" 2>/dev/null || true
+fi
+rm -f "$UNIT" "$SYSCTL"
+systemctl daemon-reload
+systemctl reset-failed "$SERVICE" 2>/dev/null || true
+rm -rf "$PREFIX"
+say "removed the service and $PREFIX"
+
+if [ "$PURGE" -eq 1 ]; then
+    rm -rf "$CONF_DIR" "$ENV_FILE"
+    if id "$SERVICE_USER" >/dev/null 2>&1; then
+        userdel "$SERVICE_USER" 2>/dev/null || warn "could not remove user $SERVICE_USER"
+    fi
+    say "purged $CONF_DIR, $ENV_FILE and user $SERVICE_USER"
+else
+    say "kept $CONF_DIR and $ENV_FILE (use --purge to remove them); logs stay in the journal"
+fi

@@ -1,0 +1,104 @@
+"""Static checks of what deploy/ ships: shellcheck, systemd-analyze, config examples.
+
+These run in `make test` where the tools exist (CI installs them); each skip says why.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import load_config
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+SCRIPTS = sorted(DEPLOY.glob("*.sh"))
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed "
+                    "(apt-get install shellcheck)")
+def test_shellcheck_finds_nothing_in_any_script():
+    out = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stdout
+    assert {s.name for s in SCRIPTS} >= {"install.sh", "upgrade.sh", "rollback.sh",
+                                         "uninstall.sh"}
+
+
+def test_scripts_are_strict_and_executable():
+    for script in SCRIPTS:
+        if script.name == "lib.sh":
+            continue
+        text = script.read_text()
+        assert "set -euo pipefail" in text, script.name
+        assert script.stat().st_mode & 0o111, f"{script.name} is not executable"
+
+
+@pytest.fixture
+def unit_with_stub(tmp_path):
+    """The unit with ExecStart pointed at a stub, so verify checks everything else here."""
+    stub = tmp_path / "ollama-lb"
+    stub.write_text("#!/bin/sh\n")
+    stub.chmod(0o755)
+    unit = tmp_path / "ollama-lb.service"
+    unit.write_text((DEPLOY / "ollama-lb.service").read_text().replace(
+        "/opt/ollama-lb/current/bin/ollama-lb", str(stub)))
+    return unit
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_analyze_verify_is_silent(unit_with_stub):
+    out = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit_with_stub)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stderr == "" and out.stdout == "", out.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_security_exposure_is_at_most_2(unit_with_stub):
+    out = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--threshold=20",
+                          str(unit_with_stub)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout[-2000:]
+    level = float(out.stdout.split("Overall exposure level for")[1].split(":")[1].split()[0])
+    assert level <= 2.0
+
+
+def test_unit_is_notify_with_reload_restart_and_file_limit():
+    unit = (DEPLOY / "ollama-lb.service").read_text()
+    for directive in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID",
+                      "Restart=on-failure", "LimitNOFILE=65536", "WatchdogSec=",
+                      "ProtectSystem=strict", "NoNewPrivileges=yes",
+                      "MemoryDenyWriteExecute=yes", "CapabilityBoundingSet=\n"):
+        assert directive in unit
+    stop = int(unit.split("TimeoutStopSec=")[1].split()[0])
+    example = load_config(DEPLOY / "config.example.yaml")
+    assert stop > example.server.drainSeconds  # the drain fits before SIGKILL
+    commented = False  # every directive is explained by a comment in its paragraph
+    for line in unit.splitlines():
+        if not line.strip() or line.startswith("["):
+            commented = False
+        elif line.startswith("#"):
+            commented = True
+        else:
+            assert commented, f"no comment explains: {line}"
+
+
+def test_example_config_and_cloud_init_are_valid():
+    cfg = load_config(DEPLOY / "config.example.yaml")
+    assert cfg.nodes and cfg.server.port == 8080
+    cloud = yaml.safe_load((DEPLOY / "cloud-init.yaml").read_text())
+    assert (DEPLOY / "cloud-init.yaml").read_text().startswith("#cloud-config")
+    embedded = next(f for f in cloud["write_files"] if f["path"] == "/etc/ollama-lb/config.yaml")
+    from pipeline.config import parse_text
+
+    assert len(parse_text(embedded["content"]).nodes) == 2
+    assert any("install.sh" in " ".join(map(str, cmd)) for cmd in cloud["runcmd"])
+
+
+def test_sysctl_file_is_key_equals_value():
+    for line in (DEPLOY / "sysctl-ollama-lb.conf").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, value = (part.strip() for part in line.split("=", 1))
+            assert key.count(".") >= 1 and " " not in key and value

@@ -1,0 +1,240 @@
+"""The deploy scripts on a booted systemd: install, reload, restart, upgrade, rollback, uninstall.
+
+One container runs the whole scenario in order (each step builds on the one before), as an
+operator would on a fresh VM. Skipped, with the reason, where the machine cannot boot one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gevent
+import ollama
+import pytest
+import requests
+import vm as vmlib
+import yaml
+
+pytestmark = [pytest.mark.deploy, pytest.mark.timeout(600),
+              pytest.mark.skipif(vmlib.why_not() is not None, reason=str(vmlib.why_not()))]
+
+REPO = Path(__file__).resolve().parents[2]
+SRC = "/mnt/src"
+DEPLOY = "/mnt/deploy"
+WHEEL = f"{SRC}/wheels/ollama_load_balancer-0.1.0-py3-none-any.whl"
+CONFIG = "/etc/ollama-lb/config.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_wheel(tree: Path, out: Path) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w",
+                    str(out), str(tree)], check=True, capture_output=True, timeout=300)
+
+
+def variant(tmp: Path, version: str, broken: bool = False) -> Path:
+    """A copy of the source tree with another version; ``broken`` crashes when serving.
+
+    The broken build still passes ``check-config``, so upgrade.sh has to notice it only
+    when the service does not become healthy, and roll back.
+    """
+    tree = tmp / f"src-{version}"
+    tree.mkdir()
+    for part in ("app", "pipeline", "pyproject.toml", "README.md", "LICENSE", "setup.cfg"):
+        src = REPO / part
+        if src.is_dir():
+            shutil.copytree(src, tree / part, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, tree / part)
+    py = tree / "pyproject.toml"
+    py.write_text(re.sub(r'^version = ".*"', f'version = "{version}"', py.read_text(), count=1,
+                         flags=re.M))
+    if broken:
+        cli = tree / "app" / "cli.py"
+        head = "def serve(path: str, host: str | None, port: int | None, watch: bool) -> int:\n"
+        text = cli.read_text()
+        assert head in text
+        cli.write_text(text.replace(
+            head, head + "    raise SystemExit('this build is broken on purpose')\n", 1))
+    return tree
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """Wheels 0.1.0 (this tree), 0.1.1, a broken 0.1.2, and an offline wheelhouse."""
+    tmp = tmp_path_factory.mktemp("artifacts")
+    wheels = tmp / "wheels"
+    build_wheel(REPO, wheels)
+    build_wheel(variant(tmp, "0.1.1"), wheels)
+    build_wheel(variant(tmp, "0.1.2", broken=True), wheels)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
+                    "-d", str(tmp / "wheelhouse"),
+                    str(wheels / "ollama_load_balancer-0.1.0-py3-none-any.whl")],
+                   check=True, capture_output=True, timeout=300)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def vm(artifacts, tmp_path_factory):
+    machine = vmlib.VM(tmp_path_factory.mktemp("vm") / "root",
+                       {str(artifacts): SRC, str(REPO / "deploy"): DEPLOY})
+    yield machine
+    machine.stop()
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    """Two simulated Ollama nodes on the host's loopback, seen by the container too."""
+    from app.fakenode import FakeNodeServer, make_profile
+
+    started = [FakeNodeServer(["llama3.2"], make_profile("fast")).start() for _ in range(2)]
+    yield started
+    for n in started:
+        n.stop()
+
+
+@pytest.fixture(scope="module")
+def port():
+    return free_port()
+
+
+def install(vm, *extra, check=True):
+    return vm.run("bash", f"{DEPLOY}/install.sh", "--wheel", WHEEL, "--wheelhouse",
+                  f"{SRC}/wheelhouse", *extra, timeout=300, check=check)
+
+
+def config_for(nodes, port, count=1):
+    return yaml.safe_dump({
+        "server": {"host": "127.0.0.1", "port": port, "drainSeconds": 5},
+        "nodes": [{"id": f"node-{i}", "url": n.url} for i, n in enumerate(nodes[:count])],
+        "healthCheck": {"intervalMs": 500}})
+
+
+def healthy(port, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health/live", timeout=1).ok:
+                return True
+        except requests.RequestException:
+            pass
+        gevent.sleep(0.2)
+    return False
+
+
+def test_01_fresh_install_writes_the_example_config_and_enables_the_unit(vm):
+    out = install(vm, "--no-start")
+    assert "writing /etc/ollama-lb/config.yaml from the example" in out.stdout
+    assert vm.read(CONFIG) == (Path(REPO) / "deploy" / "config.example.yaml").read_text()
+    assert vm.run("systemctl", "is-enabled", "ollama-lb").stdout.strip() == "enabled"
+    assert vm.run("stat", "-c", "%U:%G %a", CONFIG).stdout.split() == ["root:ollama-lb", "640"]
+    assert vm.run("readlink", "/opt/ollama-lb/current").stdout.strip().endswith("/0.1.0")
+
+
+def test_02_install_again_keeps_the_operators_config_and_serves(vm, nodes, port):
+    vm.write(CONFIG, "# edited by the operator\n" + config_for(nodes, port))
+    out = install(vm)
+    assert "keeping the existing /etc/ollama-lb/config.yaml" in out.stdout
+    assert vm.read(CONFIG).startswith("# edited by the operator")
+    assert vm.run("systemctl", "is-active", "ollama-lb").stdout.strip() == "active"
+    reply = ollama.Client(host=f"http://127.0.0.1:{port}").generate(model="llama3.2",
+                                                                    prompt="hello")
+    assert reply.done and reply.response
+    assert nodes[0].stats.by_path.get("/api/generate", 0) >= 1
+
+
+def test_03_service_runs_hardened_as_its_own_user(vm):
+    pid = vm.main_pid()
+    status = vm.run("cat", f"/proc/{pid}/status").stdout
+    assert re.search(r"^CapEff:\s+0+$", status, re.M)
+    assert re.search(r"^NoNewPrivs:\s+1$", status, re.M)
+    assert vm.run("ps", "-o", "user=", "-p", str(pid)).stdout.strip() == "ollama-lb"
+    limits = vm.run("cat", f"/proc/{pid}/limits").stdout
+    nofile = int(re.search(r"Max open files\s+(\d+)", limits).group(1))
+    assert nofile >= 20000  # 65536 on a VM; nspawn caps the hard limit at 20000
+
+
+def test_04_config_edit_reloads_without_restart(vm, nodes, port):
+    pid = vm.main_pid()
+    vm.write(CONFIG, config_for(nodes, port, count=2))
+    deadline = time.monotonic() + 10
+    ids = []
+    while time.monotonic() < deadline:
+        ids = [n["id"] for n in requests.get(f"http://127.0.0.1:{port}/admin/nodes",
+                                             timeout=2).json()["nodes"]]
+        if ids == ["node-0", "node-1"]:
+            break
+        gevent.sleep(0.2)
+    assert ids == ["node-0", "node-1"]
+    assert vm.main_pid() == pid
+
+
+def test_05_systemctl_reload_sends_sighup(vm, port):
+    pid = vm.main_pid()
+    vm.run("systemctl", "reload", "ollama-lb")
+    journal = vm.run("journalctl", "-u", "ollama-lb", "-o", "cat", "--no-pager").stdout
+    assert any('"trigger": "SIGHUP"' in line and '"result": "applied"' in line
+               for line in journal.splitlines())
+    assert vm.main_pid() == pid and healthy(port)
+
+
+def test_06_killed_service_is_restarted(vm, port):
+    pid = vm.main_pid()
+    vm.run("kill", "-9", str(pid))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and vm.main_pid() in (0, pid):
+        gevent.sleep(0.2)
+    assert vm.main_pid() not in (0, pid)
+    assert healthy(port)
+
+
+def test_07_upgrade_switches_release_and_stays_healthy(vm, port):
+    vm.run("bash", f"{DEPLOY}/upgrade.sh", "--wheel",
+           f"{SRC}/wheels/ollama_load_balancer-0.1.1-py3-none-any.whl", "--wheelhouse",
+           f"{SRC}/wheelhouse", timeout=300)
+    assert vm.run("readlink", "/opt/ollama-lb/current").stdout.strip().endswith("/0.1.1")
+    assert healthy(port)
+
+
+def test_08_broken_upgrade_rolls_back_by_itself(vm, port):
+    out = vm.run("bash", f"{DEPLOY}/upgrade.sh", "--wheel",
+                 f"{SRC}/wheels/ollama_load_balancer-0.1.2-py3-none-any.whl", "--wheelhouse",
+                 f"{SRC}/wheelhouse", "--timeout", "8", timeout=300, check=False)
+    assert out.returncode != 0 and "rolling back" in out.stderr
+    assert vm.run("readlink", "/opt/ollama-lb/current").stdout.strip().endswith("/0.1.1")
+    assert healthy(port)
+
+
+def test_09_rollback_returns_to_the_previous_release(vm, port):
+    vm.run("bash", f"{DEPLOY}/rollback.sh", "--to", "0.1.0", timeout=120)
+    assert vm.run("readlink", "/opt/ollama-lb/current").stdout.strip().endswith("/0.1.0")
+    assert healthy(port)
+    reply = requests.post(f"http://127.0.0.1:{port}/api/generate", timeout=10,
+                          json={"model": "llama3.2", "prompt": "x", "stream": False})
+    assert reply.ok and json.loads(reply.content)["done"]
+
+
+def test_10_no_failed_units(vm):
+    assert vm.run("systemctl", "--failed", "--no-legend").stdout.strip() == ""
+
+
+def test_11_uninstall_keeps_config_and_purge_removes_it(vm):
+    vm.run("bash", f"{DEPLOY}/uninstall.sh", timeout=120)
+    assert not vm.exists("/etc/systemd/system/ollama-lb.service")
+    assert not vm.exists("/opt/ollama-lb")
+    assert vm.exists(CONFIG)
+    vm.run("bash", f"{DEPLOY}/uninstall.sh", "--purge", timeout=120)
+    assert not vm.exists(CONFIG)
+    assert vm.run("id", "ollama-lb", check=False).returncode != 0
+    assert vm.run("systemctl", "--failed", "--no-legend").stdout.strip() == ""
