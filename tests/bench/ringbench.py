@@ -1,0 +1,160 @@
+"""The ring measured against two baselines that run the very same six stage functions.
+
+- ``ring``: ``Pipeline.submit`` through the Disruptor (six stage greenlets, batching).
+- ``loop``: the six handlers called one after the other in a plain loop (no concurrency).
+- ``queues``: six greenlets chained by ``gevent.queue.Queue``, the obvious alternative.
+
+Dispatch is a no-op that completes the request at once, so what is measured is the pipeline,
+not HTTP. Shared by the pytest-benchmark tests and the report harness.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import gevent
+from gevent.queue import Queue
+
+from pipeline import BackpressureError, InferenceRequest, PipelineFactory
+from pipeline.config import parse_config
+from pipeline.request import InferenceResponse, Ticket
+from pipeline.slot import Slot
+
+BODY = b'{"model": "m", "prompt": "Why is the sky blue?", "stream": false}'
+DONE = InferenceResponse(200, "application/json", b"{}", "n0", 1)
+
+
+def make_factory(wait_strategy: str = "yielding", ring: int = 1024) -> PipelineFactory:
+    cfg = parse_config({
+        "nodes": [{"id": "n0", "url": "http://127.0.0.1:9", "models": ["m"],
+                   "maxConcurrentRequests": 1 << 20}],
+        "disruptor": {"ringBufferSize": ring, "waitStrategy": wait_strategy,
+                      "maxGlobalInFlight": 1 << 20, "queueSize": 1 << 20},
+        "healthCheck": {"enabled": False, "discovery": False},
+    })
+    factory = PipelineFactory(cfg).start(health_checks=False)
+    p = factory.pipeline
+    done_at: dict[int, float] = {}
+
+    def no_op_dispatch(ticket: Ticket, node: object) -> None:
+        p.registry.release(node)  # type: ignore[arg-type]
+        ticket.set(DONE)
+        p.finish(ticket, "200")
+        done_at[id(ticket)] = time.perf_counter()
+
+    p.dispatcher.start = no_op_dispatch  # type: ignore[method-assign]
+    factory.done_at = done_at  # type: ignore[attr-defined]
+    return factory
+
+
+def handlers(factory: PipelineFactory) -> list[Callable[[Slot], None]]:
+    p = factory.pipeline
+    return [p._validate, p._select, p._capacity, p._dispatch, p._metrics, p._complete]
+
+
+def request() -> InferenceRequest:
+    return InferenceRequest(path="/api/generate", body=BODY)
+
+
+def run_ring(factory: PipelineFactory, n: int) -> float:
+    """Seconds to push n requests through the ring and see them all finish."""
+    p = factory.pipeline
+    t0 = time.perf_counter()
+    for _ in range(n):
+        while True:
+            try:
+                p.submit(request())
+                break
+            except BackpressureError:
+                gevent.sleep(0)  # ring full: let the stages drain it
+    while p.in_flight:
+        gevent.sleep(0)
+    return time.perf_counter() - t0
+
+
+def fill(slot: Slot, factory: PipelineFactory) -> Ticket:
+    ticket = Ticket(request(), time.monotonic() + 60)
+    factory.pipeline.in_flight += 1
+    slot.request, slot.ticket = ticket.request, ticket
+    return ticket
+
+
+def run_loop(factory: PipelineFactory, n: int) -> float:
+    steps = handlers(factory)
+    slot = Slot()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fill(slot, factory)
+        for step in steps:
+            step(slot)
+    return time.perf_counter() - t0
+
+
+def run_queues(factory: PipelineFactory, n: int) -> float:
+    steps = handlers(factory)
+    queues: list[Queue] = [Queue() for _ in range(len(steps) + 1)]
+
+    def worker(step: Callable[[Slot], None], inbox: Queue, outbox: Queue) -> None:
+        while True:
+            slot = inbox.get()
+            step(slot)
+            outbox.put(slot)
+
+    workers = [gevent.spawn(worker, s, queues[i], queues[i + 1]) for i, s in enumerate(steps)]
+    t0 = time.perf_counter()
+    for _ in range(n):
+        slot = Slot()
+        fill(slot, factory)
+        queues[0].put(slot)
+    for _ in range(n):
+        queues[-1].get()
+    elapsed = time.perf_counter() - t0
+    gevent.killall(workers)
+    return elapsed
+
+
+def latency_ring(factory: PipelineFactory, rate: int = 10_000, seconds: float = 1.0
+                 ) -> list[float]:
+    """Per-request seconds from submit to done, at ``rate`` requests/s offered in 1 ms ticks."""
+    p = factory.pipeline
+    per_tick = max(1, rate // 1000)
+    sent: list[tuple[int, float]] = []
+    start = time.perf_counter()
+    ticks = int(seconds * 1000)
+    for tick in range(ticks):
+        for _ in range(per_tick):
+            t = p.submit(request())
+            sent.append((id(t), time.perf_counter()))
+            factory.done_at.pop(id(t), None)  # type: ignore[attr-defined]
+            sent[-1] = (id(t), sent[-1][1])
+            _keep.append(t)
+        delay = start + (tick + 1) / 1000 - time.perf_counter()
+        gevent.sleep(max(0.0, delay))
+    while p.in_flight:
+        gevent.sleep(0.001)
+    done = factory.done_at  # type: ignore[attr-defined]
+    out = [done[i] - s for i, s in sent if i in done]
+    _keep.clear()
+    return out
+
+
+_keep: list[Ticket] = []  # tickets stay alive until measured, so id() stays unique
+
+
+def latency_loop(factory: PipelineFactory, n: int = 10_000) -> list[float]:
+    steps = handlers(factory)
+    slot = Slot()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fill(slot, factory)
+        for step in steps:
+            step(slot)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]

@@ -1,0 +1,56 @@
+"""Ring microbenchmarks (pytest-benchmark; `make bench`, skipped by `make test`).
+
+Each benchmark pushes N requests through the same six stage functions in one of three ways;
+compare ``ops`` (rounds per second) x N for requests per second. Latency percentiles at
+10,000 requests/s offered are in ``extra_info``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import ringbench as rb
+
+N = 20_000
+
+
+@pytest.fixture
+def factory():
+    f = rb.make_factory()
+    yield f
+    f.stop()
+
+
+@pytest.mark.parametrize("wait", ["yielding", "blocking", "sleeping", "busy-spin"])
+def test_ring_throughput(benchmark, wait):
+    f = rb.make_factory(wait)
+    try:
+        benchmark.extra_info["requests"] = N
+        benchmark.pedantic(rb.run_ring, args=(f, N), rounds=5, iterations=1)
+        benchmark.extra_info["requests_per_s"] = N / benchmark.stats.stats.median
+    finally:
+        f.stop()
+
+
+def test_plain_loop_throughput(benchmark, factory):
+    benchmark.pedantic(rb.run_loop, args=(factory, N), rounds=5, iterations=1)
+    benchmark.extra_info["requests_per_s"] = N / benchmark.stats.stats.median
+
+
+def test_queue_chain_throughput(benchmark, factory):
+    benchmark.pedantic(rb.run_queues, args=(factory, N), rounds=5, iterations=1)
+    benchmark.extra_info["requests_per_s"] = N / benchmark.stats.stats.median
+
+
+def test_ring_latency_at_10k_per_second(benchmark, factory):
+    result = {}
+
+    def run():
+        lat = rb.latency_ring(factory)
+        base = rb.latency_loop(factory, len(lat))
+        result.update(p50_us=rb.percentile(lat, 50) * 1e6, p99_us=rb.percentile(lat, 99) * 1e6,
+                      loop_p50_us=rb.percentile(base, 50) * 1e6,
+                      loop_p99_us=rb.percentile(base, 99) * 1e6, samples=len(lat))
+
+    benchmark.pedantic(run, rounds=3, iterations=1)
+    benchmark.extra_info.update(result)
+    assert result["samples"] >= 9000  # every request was answered
