@@ -28,10 +28,10 @@ def test_fast_path_and_schema_agree(model, stream):
 
 
 def test_schema_errors_are_worded_like_go():
-    with pytest.raises(BadRequest, match="cannot unmarshal number into Go struct field "
-                                         "ChatRequest.model of type string"):
+    with pytest.raises(BadRequest, match=r"cannot unmarshal number into Go struct field "
+                                         r"ChatRequest\.model of type string"):
         read_facts(EP, {"model": 5})
-    with pytest.raises(BadRequest, match="ChatRequest.stream of type bool"):
+    with pytest.raises(BadRequest, match=r"ChatRequest\.stream of type bool"):
         read_facts(EP, {"model": "m", "stream": 1})
 
 
