@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     fake.add_argument("--max-loaded-models", type=int, help="OLLAMA_MAX_LOADED_MODELS")
     fake.add_argument("--max-queue", type=int, help="OLLAMA_MAX_QUEUE")
     fake.add_argument("--tokens", type=int, help="reply length without num_predict")
+    fake.add_argument("--prefill-tps", type=float, help="prompt tokens per second")
+    fake.add_argument("--keep-alive-seconds", type=float, help="OLLAMA_KEEP_ALIVE")
     fake.add_argument("--fail", default="none", help="fault mode: hang, reset, "
                       "reset-mid-stream, error-mid-stream, 500, 503, malformed, flap, refuse")
     demo = sub.add_parser("demo", help="the appliance in front of three simulated nodes")
@@ -59,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       args.profile, args.fail, num_parallel=args.num_parallel,
                       decode_tps=args.tokens_per_second, load_s=args.load_seconds,
                       max_loaded=args.max_loaded_models, max_queue=args.max_queue,
-                      tokens=args.tokens)
+                      tokens=args.tokens, prefill_tps=args.prefill_tps,
+                      keep_alive_s=args.keep_alive_seconds)
         return 0
     if args.command == "demo":
         from app.demo import run_demo

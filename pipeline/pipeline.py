@@ -42,11 +42,19 @@ log = logging.getLogger("ollama_lb.pipeline")
 
 
 class Router:
-    """Which nodes can take a model now, and which one the strategy picks."""
+    """Which nodes can take a model now, and which one the strategy picks.
 
-    def __init__(self, registry: NodeRegistry, strategy: Strategy) -> None:
+    With a strategy that ``waits_for_warm`` (model-aware), a request whose model is loaded on
+    nodes that are all busy waits for one of them rather than forcing a cold load (seconds,
+    and an eviction) elsewhere, until the backlog for that model reaches the warm nodes'
+    capacity: then it spreads to cold nodes, so a popular model still scales out.
+    """
+
+    def __init__(self, registry: NodeRegistry, strategy: Strategy,
+                 waiting: Callable[[str], int] = lambda model: 0) -> None:
         self.registry = registry
         self.strategy = strategy
+        self.waiting = waiting  # requests queued for a model
 
     def classify(self, model: str) -> tuple[list[Node], bool]:
         """(nodes that admit requests and have the model, whether any node has it at all)."""
@@ -59,15 +67,25 @@ class Router:
                     admitting.append(node)
         return admitting, has_it
 
-    def choose(self, model: str, admitting: list[Node]) -> Node | None:
+    def free(self, model: str, admitting: list[Node]) -> list[Node]:
+        """The nodes the strategy may pick from now (see the class docstring)."""
         free = [n for n in admitting if n.has_capacity()]
+        if free and self.strategy.waits_for_warm:
+            warm = [n for n in admitting if model in n.loaded]
+            if warm and not any(n.has_capacity() for n in warm) and self.waiting(model) < sum(
+                    n.max_concurrent for n in warm):
+                return []
+        return free
+
+    def choose(self, model: str, admitting: list[Node]) -> Node | None:
+        free = self.free(model, admitting)
         return self.strategy.select(free, model) if free else None
 
     def acquire(self, model: str, exclude: Iterable[Node] = ()) -> Node | None:
         """Pick and take a slot on a node for ``model``, or None if none has room."""
         skip = {n.id for n in exclude}
         admitting, _ = self.classify(model)
-        candidates = [n for n in admitting if n.id not in skip and n.has_capacity()]
+        candidates = [n for n in self.free(model, admitting) if n.id not in skip]
         while candidates:
             node = self.strategy.select(candidates, model)
             if node is None:
@@ -86,7 +104,8 @@ class Pipeline:
         self.metrics = metrics
         self.upstream = upstream or UpstreamClient()
         self.router = Router(registry, StrategyFactory.create(config.strategy.type,
-                                                              config.strategy.adaptive))
+                                                              config.strategy.adaptive),
+                             waiting=lambda model: self.queue.waiting(model))
         d = config.disruptor
         self.wait_strategy = create_wait_strategy(d.waitStrategy)
         self.ring: RingBuffer[Slot] = RingBuffer(d.ringBufferSize, Slot, self.wait_strategy)

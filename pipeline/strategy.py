@@ -17,6 +17,7 @@ class Strategy:
     """Base class; ``name`` is the config/admin name."""
 
     name = "base"
+    waits_for_warm = False  # prefer waiting for a busy warm node over a cold load
 
     def __init__(self, adaptive: bool = False) -> None:
         self.adaptive = adaptive
@@ -128,6 +129,7 @@ class ModelAware(LeastInFlight):
     """
 
     name = "model-aware"
+    waits_for_warm = True
 
     def select(self, candidates: Sequence[Node], model: str) -> Node | None:
         if not candidates:

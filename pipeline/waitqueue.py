@@ -89,6 +89,10 @@ class CapacityQueue:
         """The oldest waiter of each model, oldest first."""
         return iter(sorted((dq[0] for dq in self._by_model.values()), key=lambda w: w.seq))
 
+    def waiting(self, model: str) -> int:
+        dq = self._by_model.get(model)
+        return len(dq) if dq else 0
+
     def by_model(self) -> dict[str, int]:
         return {model: len(dq) for model, dq in self._by_model.items()}
 

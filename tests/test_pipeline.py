@@ -198,3 +198,20 @@ def test_strategy_can_change_while_requests_are_in_flight(fake_node, lib):
     tickets += [f.pipeline.submit(InferenceRequest.of_prompt("m", str(i))) for i in range(6)]
     assert all(t.result().status == 200 for t in tickets)
     assert f.pipeline.strategy.name == "least-in-flight"
+
+
+def test_model_aware_waits_for_a_busy_warm_node_then_scales_out(fake_node, lib):
+    warm = fake_node(["m"], decode_tps=20, tokens=6)  # ~0.3 s per request
+    cold = fake_node(["m"], decode_tps=20, tokens=6)
+    f = lib([warm, cold], node_overrides={0: {"maxConcurrentRequests": 1},
+                                          1: {"maxConcurrentRequests": 1}},
+            healthCheck={"modelRefreshMs": 60_000})
+    f.pipeline.call(InferenceRequest.of_prompt("m", "warm up"))  # now loaded on one node
+    first_node = next(n for n in f.node_registry.all_nodes() if n.loaded)
+    a = f.pipeline.submit(InferenceRequest.of_prompt("m", "a"))  # takes the warm node
+    b = f.pipeline.submit(InferenceRequest.of_prompt("m", "b"))  # waits for it (no cold load)
+    gevent.sleep(0.05)
+    assert len(f.pipeline.queue) == 1
+    c = f.pipeline.submit(InferenceRequest.of_prompt("m", "c"))  # backlog: goes cold
+    assert c.result().node_id != first_node.id
+    assert a.result().node_id == first_node.id and b.result().node_id == first_node.id
