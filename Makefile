@@ -30,8 +30,11 @@ test: install ## the test suite: unit, integration, chaos, process and deploy-fi
 lint: install ## ruff over the code and the tests
 	$(VENV)/bin/ruff check app pipeline tests
 
-bench: install ## benchmarks: ring microbenchmarks and the proxy scenarios, with baselines
-	$(PY) -m pytest tests/bench -p no:cacheprovider --benchmark-only --benchmark-columns=min,median,max,ops -q
+bench: install ## benchmarks with side-by-side baselines; report in bench-results/ (BENCH_ARGS=--quick)
+	mkdir -p bench-results
+	$(PY) -m pytest tests/bench -p no:cacheprovider --benchmark-only -q \
+		--benchmark-columns=min,median,max --benchmark-json=bench-results/ring.json
+	$(PY) tests/bench/harness.py $(BENCH_ARGS)
 
 wheel: install ## build the wheel into dist/ (what deploy/install.sh installs)
 	$(PY) -m pip wheel --quiet --no-deps -w dist .

