@@ -65,8 +65,8 @@ class PoolView:
         for node, data in self._fetch("/api/ps"):
             if data is not None:
                 node.ps = [m for m in data.get("models") or [] if isinstance(m, dict)]
-                node.loaded = {canonical(str(m.get("model") or m.get("name") or ""))
-                               for m in node.ps} - {""}
+                node.set_loaded({canonical(str(m.get("model") or m.get("name") or ""))
+                                 for m in node.ps} - {""})
             for entry in node.ps:
                 key = canonical(str(entry.get("model") or entry.get("name") or ""))
                 old = merged.get(key)

@@ -205,7 +205,7 @@ class Dispatcher:
         ticket.first_byte_at = time.monotonic()
         node.record_success(ttfb)
         if ticket.endpoint is not None and ticket.endpoint.loads_model and ticket.model:
-            node.loaded.add(ticket.model)
+            node.mark_loaded(ticket.model)
 
     def _hand_over_stream(self, ticket: Ticket, node: Node, resp: UpstreamResponse,
                           ctype: str) -> None:

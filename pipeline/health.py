@@ -117,5 +117,5 @@ def update_models(node: Node, tags: Any, ps: Any) -> None:
     node.installed.discard("")
     if ps is not None:
         node.ps = _entries(ps)
-        node.loaded = {canonical(str(m.get("model") or m.get("name") or "")) for m in node.ps}
-        node.loaded.discard("")
+        node.set_loaded({canonical(str(m.get("model") or m.get("name") or ""))
+                         for m in node.ps} - {""})

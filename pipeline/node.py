@@ -39,7 +39,9 @@ class Node:
         self.last_check: float | None = None
         self.version: str | None = None
         self.installed: set[str] | None = None  # canonical names from /api/tags; None: unknown
-        self.loaded: set[str] = set()  # canonical names from /api/ps
+        self.loaded: set[str] = set()  # canonical names from /api/ps (and own traffic)
+        self.max_loaded_seen = 0  # most models /api/ps ever showed at once: the node's room
+        self._recent: list[str] = []  # loaded models, least recently used first
         self.tags: list[dict[str, Any]] = []  # raw /api/tags entries, for merging
         self.ps: list[dict[str, Any]] = []  # raw /api/ps entries
         self.draining = False  # removed from config or drained by an operator
@@ -86,6 +88,27 @@ class Node:
 
     def has_loaded(self, model: str) -> bool:
         return model in self.loaded
+
+    def set_loaded(self, models: set[str]) -> None:
+        """Take /api/ps as the truth, and learn how many models the node keeps at once."""
+        self.loaded = set(models)
+        self._recent = [m for m in self._recent if m in models] + sorted(
+            models - set(self._recent))
+        self.max_loaded_seen = max(self.max_loaded_seen, len(models))
+
+    def mark_loaded(self, model: str) -> None:
+        """A request for ``model`` just succeeded here, so it is loaded now.
+
+        If that is more models than the node has ever shown loaded at once, it evicted the
+        least recently used one: forget it now rather than at the next /api/ps refresh, so
+        routing does not send that model's requests to a node that would have to reload it.
+        """
+        if model in self._recent:
+            self._recent.remove(model)
+        self._recent.append(model)
+        self.loaded.add(model)
+        while self.max_loaded_seen and len(self._recent) > self.max_loaded_seen:
+            self.loaded.discard(self._recent.pop(0))
 
     # --- eligibility and capacity -------------------------------------------------------------
 

@@ -39,6 +39,8 @@ from pipeline.waitqueue import CapacityQueue, Waiter
 from pipeline.wiring import Disruptor
 
 log = logging.getLogger("ollama_lb.pipeline")
+#: model-aware waits for busy warm nodes until this many rounds of their slots are queued
+WARM_BACKLOG = 2
 _EVAL_COUNT = re.compile(rb'"eval_count":\s*(\d+)')
 _EVAL_DURATION = re.compile(rb'"eval_duration":\s*(\d+)')
 
@@ -49,7 +51,8 @@ class Router:
     With a strategy that ``waits_for_warm`` (model-aware), a request whose model is loaded on
     nodes that are all busy waits for one of them rather than forcing a cold load (seconds,
     and an eviction) elsewhere, until the backlog for that model reaches the warm nodes'
-    capacity: then it spreads to cold nodes, so a popular model still scales out.
+    capacity (``WARM_BACKLOG`` rounds of their slots): then it spreads to cold nodes, so a
+    popular model still scales out.
     """
 
     def __init__(self, registry: NodeRegistry, strategy: Strategy,
@@ -57,6 +60,15 @@ class Router:
         self.registry = registry
         self.strategy = strategy
         self.waiting = waiting  # requests queued for a model
+
+    @property
+    def strategy(self) -> Strategy:
+        return self._strategy
+
+    @strategy.setter
+    def strategy(self, strategy: Strategy) -> None:
+        strategy.pool = self.registry.all_nodes
+        self._strategy = strategy
 
     def classify(self, model: str) -> tuple[list[Node], bool]:
         """(nodes that admit requests and have the model, whether any node has it at all)."""
@@ -74,8 +86,8 @@ class Router:
         free = [n for n in admitting if n.has_capacity()]
         if free and self.strategy.waits_for_warm:
             warm = [n for n in admitting if model in n.loaded]
-            if warm and not any(n.has_capacity() for n in warm) and self.waiting(model) < sum(
-                    n.max_concurrent for n in warm):
+            if warm and not any(n.has_capacity() for n in warm) and self.waiting(model) < (
+                    WARM_BACKLOG * sum(n.max_concurrent for n in warm)):
                 return []
         return free
 

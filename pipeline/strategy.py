@@ -8,7 +8,7 @@ so nodes may come and go between calls.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pipeline.node import Health, Node
 
@@ -21,6 +21,7 @@ class Strategy:
 
     def __init__(self, adaptive: bool = False) -> None:
         self.adaptive = adaptive
+        self.pool: Callable[[], Sequence[Node]] = list  # every node, set by the router
 
     def select(self, candidates: Sequence[Node], model: str) -> Node | None:
         raise NotImplementedError
@@ -121,11 +122,12 @@ class RandomChoice(Strategy):
 
 
 class ModelAware(LeastInFlight):
-    """Warm first: nodes with the model loaded, then installed, then unknown.
+    """Warm first: nodes with the model loaded; equals share the load by in-flight count.
 
-    Among nodes where the model is not loaded, those with fewer loaded models come first, so
-    a cold load lands where it is least likely to evict another model. Equals share the load
-    by in-flight count.
+    A cold load (seconds, and maybe an eviction) goes where it costs the pool least: a node
+    with nothing loaded; else a node whose loaded models are all loaded on another node too
+    (evicting them loses no warm copy); else an idle node (its model can go at once rather
+    than after its requests finish); then the node with the fewest models loaded.
     """
 
     name = "model-aware"
@@ -138,8 +140,22 @@ class ModelAware(LeastInFlight):
         if loaded:
             return self._least(loaded)
         installed = [n for n in candidates if n.knows_models()] or list(candidates)
-        fewest = min(len(n.loaded) for n in installed)
-        return self._least([n for n in installed if len(n.loaded) == fewest])
+        elsewhere = self._loaded_elsewhere()
+
+        def cost(n: Node) -> tuple[int, int, int, int]:
+            only_copy = sum(1 for m in n.loaded if elsewhere.get(m, 0) <= 1)
+            return (1 if n.loaded else 0, only_copy, 1 if n.in_flight else 0, len(n.loaded))
+
+        best = min(cost(n) for n in installed)
+        return self._least([n for n in installed if cost(n) == best])
+
+    def _loaded_elsewhere(self) -> dict[str, int]:
+        """How many nodes have each model loaded."""
+        counts: dict[str, int] = {}
+        for node in self.pool():
+            for m in node.loaded:
+                counts[m] = counts.get(m, 0) + 1
+        return counts
 
 
 class StrategyFactory:

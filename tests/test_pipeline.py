@@ -210,8 +210,11 @@ def test_model_aware_waits_for_a_busy_warm_node_then_scales_out(fake_node, lib):
     first_node = next(n for n in f.node_registry.all_nodes() if n.loaded)
     a = f.pipeline.submit(InferenceRequest.of_prompt("m", "a"))  # takes the warm node
     b = f.pipeline.submit(InferenceRequest.of_prompt("m", "b"))  # waits for it (no cold load)
+    c = f.pipeline.submit(InferenceRequest.of_prompt("m", "c"))  # waits too (2 rounds)
     gevent.sleep(0.05)
-    assert len(f.pipeline.queue) == 1
-    c = f.pipeline.submit(InferenceRequest.of_prompt("m", "c"))  # backlog: goes cold
-    assert c.result().node_id != first_node.id
-    assert a.result().node_id == first_node.id and b.result().node_id == first_node.id
+    assert len(f.pipeline.queue) == 2
+    d = f.pipeline.submit(InferenceRequest.of_prompt("m", "d"))  # backlog: goes cold
+    assert d.result().node_id != first_node.id
+    assert a.result().node_id == first_node.id
+    assert all(t.result().status == 200 for t in (b, c))
+    assert warm.stats.loads + cold.stats.loads == 2  # the warm-up and the one scale-out

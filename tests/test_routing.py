@@ -86,6 +86,33 @@ def test_model_aware_prefers_loaded_then_least_busy_then_fewest_loaded():
     assert picks(s, pool, 10) == {"n0": 10}  # cold: the node that evicts nothing
 
 
+def test_model_aware_cold_load_goes_where_it_evicts_least():
+    pool = nodes(1, 1, 1, 1)
+    a, b = canonical("a"), canonical("b")
+    for n in pool:
+        n.installed = {M, a, b}
+    s = ModelAware()
+    s.pool = lambda: pool
+    pool[0].loaded, pool[1].loaded, pool[2].loaded, pool[3].loaded = {a}, {a}, {b}, set()
+    assert s.select(pool, M) is pool[3]  # empty room first
+    pool[3].loaded = {b}
+    pool[1].in_flight = 1
+    # a and b both have two warm copies; n0 and n2 are idle, n1 busy: an idle node is evicted
+    assert s.select(pool, M) in (pool[0], pool[2], pool[3])
+    pool[3].loaded = {canonical("c")}  # c's only warm copy: never evicted while others can go
+    assert s.select(pool, M) in (pool[0], pool[2])
+
+
+def test_a_success_marks_the_model_loaded_and_forgets_what_it_evicted():
+    node = nodes(1)[0]
+    node.set_loaded({canonical("a")})  # /api/ps: this node keeps one model at a time
+    node.mark_loaded(M)
+    assert node.loaded == {M}
+    node.set_loaded({canonical("a"), canonical("b")})  # it can hold two after all
+    node.mark_loaded(M)
+    assert len(node.loaded) == 2 and M in node.loaded
+
+
 def test_unknown_strategy_lists_valid_names():
     with pytest.raises(ValueError, match="round-robin, weighted-round-robin, least-in-flight"):
         StrategyFactory.create("fastest")
