@@ -87,7 +87,14 @@ class Dispatcher:
         self.p = pipeline
 
     def start(self, ticket: Ticket, node: Node) -> None:
-        """Spawn the call; returns at once."""
+        """Spawn the call; returns at once.
+
+        The model counts as loaded on the node from now on: the node will load it for this
+        request, so the next requests for it should follow rather than start cold loads of
+        their own elsewhere. (/api/ps discovery corrects this if the request fails.)
+        """
+        if ticket.endpoint is not None and ticket.endpoint.loads_model and ticket.model:
+            node.mark_loaded(ticket.model)
         started: list[bool] = []
         g = self.p.pool.spawn(self._run, ticket, node, started)
 

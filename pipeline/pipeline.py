@@ -50,9 +50,10 @@ class Router:
 
     With a strategy that ``waits_for_warm`` (model-aware), a request whose model is loaded on
     nodes that are all busy waits for one of them rather than forcing a cold load (seconds,
-    and an eviction) elsewhere, until the backlog for that model reaches the warm nodes'
-    capacity (``WARM_BACKLOG`` rounds of their slots): then it spreads to cold nodes, so a
-    popular model still scales out.
+    and an eviction) elsewhere, until the backlog for that model reaches ``WARM_BACKLOG``
+    rounds of the warm nodes' slots: then it spreads to spare nodes (empty, or holding only
+    models that are warm elsewhere too), so a popular model scales out without evicting the
+    last warm copy of another model, which would only move the cold load to that model.
     """
 
     def __init__(self, registry: NodeRegistry, strategy: Strategy,
@@ -84,12 +85,19 @@ class Router:
     def free(self, model: str, admitting: list[Node]) -> list[Node]:
         """The nodes the strategy may pick from now (see the class docstring)."""
         free = [n for n in admitting if n.has_capacity()]
-        if free and self.strategy.waits_for_warm:
-            warm = [n for n in admitting if model in n.loaded]
-            if warm and not any(n.has_capacity() for n in warm) and self.waiting(model) < (
-                    WARM_BACKLOG * sum(n.max_concurrent for n in warm)):
-                return []
-        return free
+        if not free or not self.strategy.waits_for_warm:
+            return free
+        warm = [n for n in admitting if model in n.loaded]
+        if not warm or any(n.has_capacity() for n in warm):
+            return free  # nothing warm anywhere (a cold load is unavoidable), or warm and free
+        if self.waiting(model) < WARM_BACKLOG * sum(n.max_concurrent for n in warm):
+            return []  # wait for a warm slot
+        return [n for n in free if self._spare(n)]  # scale out without evicting a last copy
+
+    def _spare(self, node: Node) -> bool:
+        """Empty, or every model loaded on it is also loaded on another node."""
+        others = [n for n in self.registry.all_nodes() if n is not node]
+        return all(any(m in o.loaded for o in others) for m in node.loaded)
 
     def choose(self, model: str, admitting: list[Node]) -> Node | None:
         free = self.free(model, admitting)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import gevent
+from gevent.event import Event
 from gevent.lock import BoundedSemaphore, Semaphore
 
 from pipeline.modelname import canonical, display
@@ -63,6 +64,7 @@ class Loaded:
     busy: int = 0
     keep_alive_s: float = 300.0
     expires_at: float = 0.0  # wall clock; while busy, shown as now + keep_alive
+    ready: Event = field(default_factory=Event)  # set once the load has finished
 
 
 @dataclass
@@ -148,6 +150,10 @@ class Simulator:
         self.expire()
         runner = self.loaded.get(key)
         if runner is not None:
+            if not runner.ready.is_set():  # being loaded by another request: wait for it
+                t0 = time.monotonic()
+                runner.ready.wait()
+                return runner, time.monotonic() - t0
             if keep_alive_s is not None:
                 runner.keep_alive_s = keep_alive_s
             return runner, 0.001
@@ -160,13 +166,19 @@ class Simulator:
                 runner = self.loaded.get(key)
                 if runner is None:
                     self._make_room()
-                    if self.profile.load_s:
-                        gevent.sleep(self.profile.load_s)
+                    # listed in /api/ps while it loads, as Ollama lists a loading model
                     runner = Loaded(self.installed[key],
                                     BoundedSemaphore(self.profile.num_parallel),
                                     keep_alive_s=self.profile.keep_alive_s)
                     runner.expires_at = time.time() + runner.keep_alive_s
+                    runner.busy += 1  # not evictable while loading
                     self.loaded[key] = runner
+                    try:
+                        if self.profile.load_s:
+                            gevent.sleep(self.profile.load_s)
+                    finally:
+                        runner.busy -= 1
+                        runner.ready.set()
                     self.stats.loads += 1
         finally:
             self._scheduling -= 1
