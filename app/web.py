@@ -8,7 +8,7 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from app import admin, manage, ops, proxy
+from app import admin, cors, manage, ops, proxy
 from app.errors import error_body, json_response, plain
 from pipeline.factory import PipelineFactory
 
@@ -23,6 +23,7 @@ def create_app(factory: PipelineFactory, reload_state: Any = None) -> Flask:
     app.url_map.strict_slashes = False
     for bp in (proxy.bp, manage.bp, ops.bp, admin.bp):
         app.register_blueprint(bp)
+    cors.install(app, lambda: app.extensions["ollama_lb"].config.server.allowedOrigins)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:

@@ -38,6 +38,7 @@ class ServerConfig:
     backlog: int = 1024
     maxBodyBytes: int = 64 * 1024 * 1024  # base64 images make bodies tens of MB
     drainSeconds: float = 30.0  # how long SIGTERM waits for in-flight streams
+    allowedOrigins: tuple[str, ...] = ()  # CORS beyond Ollama's defaults (OLLAMA_ORIGINS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +200,7 @@ class ServerSchema(_Section):
     backlog = f.Integer(load_default=1024, validate=POSITIVE)
     maxBodyBytes = f.Integer(load_default=64 * 1024 * 1024, validate=POSITIVE)
     drainSeconds = f.Float(load_default=30.0, validate=NON_NEGATIVE)
+    allowedOrigins = f.List(f.String(validate=validate.Length(min=1)), load_default=list)
 
 
 class NodeSchema(_Section):

@@ -250,3 +250,21 @@ def test_client_disconnect_mid_stream_closes_the_upstream_request(fake_node, app
         gevent.sleep(0.05)
     assert slow.stats.disconnects == 1 and slow.stats.streams_open == 0
     assert lb.factory.node_registry.get("n0").in_flight == 0
+
+
+def test_cors_like_ollama_for_browser_clients(fake_node, appliance):
+    lb = appliance([fake_node(["m"])], server={"allowedOrigins": ["https://chat.example.com"]})
+    pre = requests.options(f"{lb.url}/api/chat", timeout=5, headers={
+        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"})
+    assert pre.status_code == 204
+    assert pre.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    assert "Content-Type" in pre.headers["Access-Control-Allow-Headers"]
+    r = requests.get(f"{lb.url}/api/tags", headers={"Origin": "https://chat.example.com"},
+                     timeout=5)
+    assert r.headers["Access-Control-Allow-Origin"] == "https://chat.example.com"
+    other = requests.get(f"{lb.url}/api/tags", headers={"Origin": "https://evil.example"},
+                         timeout=5)
+    assert "Access-Control-Allow-Origin" not in other.headers
+    denied = requests.options(f"{lb.url}/api/chat", headers={"Origin": "https://evil.example"},
+                              timeout=5)
+    assert denied.status_code == 403
