@@ -35,6 +35,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+if ! find_python >/dev/null; then  # Ubuntu 22.04: python3 is 3.10, 3.11 is packaged apart
+    say "installing python3.11 (the system python3 is older than 3.11)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        python3.11 python3.11-venv
+fi
 
 # 2. The service user: no login, no home to speak of.
 if ! id "$SERVICE_USER" >/dev/null 2>&1; then

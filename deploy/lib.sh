@@ -43,6 +43,20 @@ wheel_version() {
     basename "$1" | cut -d- -f2
 }
 
+# A Python >= 3.11 for the release venvs: Debian 12 has it as python3; Ubuntu 22.04 ships
+# 3.10 as python3 and 3.11 as python3.11 (install.sh installs that one there).
+find_python() {
+    local candidate
+    for candidate in python3.13 python3.12 python3.11 python3; do
+        if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c \
+            'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+            command -v "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
+
 # Install a wheel into releases/VERSION with its own venv; a complete release is kept as is.
 install_release() {
     local wheel=$1 wheelhouse=${2:-} version dir
@@ -56,7 +70,9 @@ install_release() {
     say "installing release $version into $dir" >&2
     rm -rf "$dir"
     mkdir -p "$RELEASES"
-    python3 -m venv "$dir" >&2
+    local python
+    python=$(find_python) || die "no Python >= 3.11 found (install.sh installs one)"
+    "$python" -m venv "$dir" >&2
     local pip=("$dir/bin/pip" install --quiet --disable-pip-version-check)
     if [ -n "$wheelhouse" ]; then
         pip+=(--no-index --find-links "$wheelhouse")
