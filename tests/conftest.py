@@ -28,9 +28,26 @@ for _var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_prox
 os.environ["NO_PROXY"] = "*"
 
 
+def _live_greenlets() -> list[str]:
+    """Greenlets still running code of ours (app/, pipeline/), by function name."""
+    import gc
+
+    live = []
+    for obj in gc.get_objects():
+        if isinstance(obj, gevent.Greenlet) and not obj.dead:
+            fn = getattr(obj, "_run", None) or getattr(obj, "run", None)
+            module = getattr(fn, "__module__", "") or ""
+            if module.startswith(("app.", "pipeline.")):
+                live.append(f"{module}.{getattr(fn, '__qualname__', fn)}")
+    return live
+
+
 @pytest.fixture(autouse=True)
 def greenlet_errors() -> Iterator[list[Any]]:
-    """Record exceptions that kill greenlets; fail the test if any occurred."""
+    """Record exceptions that kill greenlets; fail the test if any occurred.
+
+    Also, once every other fixture has torn down, no greenlet of ours may still run.
+    """
     hub = gevent.get_hub()
     seen: list[Any] = []
     original = hub.handle_error
@@ -44,6 +61,10 @@ def greenlet_errors() -> Iterator[list[Any]]:
     yield seen
     hub.handle_error = original  # type: ignore[method-assign]
     assert not seen, f"greenlets crashed: {seen}"
+    deadline = gevent.time.time() + 2  # type: ignore[attr-defined]
+    while (left := _live_greenlets()) and gevent.time.time() < deadline:  # type: ignore
+        gevent.sleep(0.05)
+    assert not left, f"greenlets left running: {left}"
 
 
 @pytest.fixture

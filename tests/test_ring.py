@@ -20,6 +20,20 @@ class Event:
         self.error: Exception | None = None
 
 
+_made: list[Disruptor] = []
+
+
+@pytest.fixture(autouse=True)
+def halt_every_disruptor():
+    """Stop the stage greenlets each test started, and check they really ended."""
+    yield
+    while _made:
+        d = _made.pop()
+        d.halt()
+        gevent.joinall([s.greenlet for s in d.stages], timeout=2)
+        assert all(s.greenlet.dead for s in d.stages)
+
+
 def make(size: int = 8, strategy: str = "blocking", handlers=None):
     ring = RingBuffer(size, Event, create_wait_strategy(strategy))
     log: list[tuple[str, int]] = []
@@ -40,6 +54,7 @@ def make(size: int = 8, strategy: str = "blocking", handlers=None):
         d = d.then(record(n) if isinstance(n, str) else n)
     crashes: list[BaseException] = []
     d.start(lambda stage, exc: crashes.append(exc))
+    _made.append(d)
     return ring, d, log, crashes
 
 
