@@ -67,26 +67,25 @@ def _progress(data: dict[str, Any], first: str, run: Any) -> Response:
     return Response(lines(), content_type=NDJSON, direct_passthrough=True)
 
 
-@bp.post("/api/pull")
-def pull() -> Response:
+def _pool_progress(operation: str, first: str, missing_model: str) -> Response:
+    """pull/create: validate, then run on the pool (FanOut.pull or FanOut.create)."""
     _, data = _body()
     if isinstance(data, Response):
         return data
     if not _model_of(data):
-        return json_response({"error": "invalid model name"}, 400)
-    fan_out = factory().fan_out  # the stream runs after the view returns: no app context
-    return _progress(data, "pulling manifest", lambda: fan_out.pull(data))
+        return json_response({"error": missing_model}, 400)
+    run = getattr(factory().fan_out, operation)  # bound now: the stream outlives the request
+    return _progress(data, first, lambda: run(data))
+
+
+@bp.post("/api/pull")
+def pull() -> Response:
+    return _pool_progress("pull", "pulling manifest", "invalid model name")
 
 
 @bp.post("/api/create")
 def create() -> Response:
-    _, data = _body()
-    if isinstance(data, Response):
-        return data
-    if not _model_of(data):
-        return json_response({"error": "model is required"}, 400)
-    fan_out = factory().fan_out
-    return _progress(data, "creating model", lambda: fan_out.create(data))
+    return _pool_progress("create", "creating model", "model is required")
 
 
 @bp.delete("/api/delete")
