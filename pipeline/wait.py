@@ -10,8 +10,10 @@ would be read, no timer would fire). What each one does under gevent:
     stages. No CPU while idle; each wake-up costs one hub callback (~3-7 us).
 ``yielding`` (default)
     Re-checks after ``gevent.sleep(0)`` (other ready greenlets and pending callbacks run, such
-    as the producer publishing the rest of a burst) up to ``spin_tries`` times, then parks as
-    ``blocking`` does. Best latency under load, no CPU while idle.
+    as the producer publishing the rest of a burst) up to ``spin_tries`` (8) times, then parks
+    as ``blocking`` does. Best latency under load, no CPU while idle. (Measured with wrk
+    through the appliance: 50 tries cost ~0.5 ms more CPU per request at one client than 8,
+    spinning six stages around a hub that had nothing else to run.)
 ``sleeping``
     Yields ``spin_tries`` times, then polls on a hub timer every ``sleep_seconds``. Never
     signalled, so publishers pay nothing, at the price of a poll timer while idle (about
@@ -88,7 +90,7 @@ class BlockingWaitStrategy(WaitStrategy):
 class YieldingWaitStrategy(WaitStrategy):
     name = "yielding"
 
-    def __init__(self, spin_tries: int = 50) -> None:
+    def __init__(self, spin_tries: int = 8) -> None:
         super().__init__()
         self.spin_tries = spin_tries
 
