@@ -8,12 +8,13 @@ so nodes may come and go between calls.
 from __future__ import annotations
 
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
 from pipeline.node import Health, Node
 
 
-class Strategy:
+class Strategy(ABC):
     """Base class; ``name`` is the config/admin name."""
 
     name = "base"
@@ -23,8 +24,9 @@ class Strategy:
         self.adaptive = adaptive
         self.pool: Callable[[], Sequence[Node]] = list  # every node, set by the router
 
+    @abstractmethod
     def select(self, candidates: Sequence[Node], model: str) -> Node | None:
-        raise NotImplementedError
+        """One of ``candidates`` (all eligible and with room), or None if there are none."""
 
     def weight_of(self, node: Node) -> int:
         """Configured weight; with ``adaptive`` a DEGRADED node counts half."""

@@ -26,6 +26,7 @@ would be read, no timer would fire). What each one does under gevent:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Protocol
 
 import gevent
@@ -45,7 +46,7 @@ class Waitable(Protocol):
     def check_alert(self) -> None: ...
 
 
-class WaitStrategy:
+class WaitStrategy(ABC):
     """Base: subclasses implement ``wait_for``; ``signal_all`` wakes parked waiters."""
 
     name = "base"
@@ -53,8 +54,9 @@ class WaitStrategy:
     def __init__(self) -> None:
         self._parked: list[Event] = []
 
+    @abstractmethod
     def wait_for(self, sequence: int, barrier: Waitable) -> int:
-        raise NotImplementedError
+        """Return the highest available sequence once ``sequence`` is available."""
 
     def signal_all(self) -> None:
         """Wake every parked waiter. Cheap when nothing is parked (the busy case)."""
