@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 from flask import Blueprint, Response, current_app, request
 
-from app.errors import error_response, json_response, plain
+from app.errors import error_response, json_response, openai_error, plain
 from pipeline.errors import ErrorCode, PipelineError
 from pipeline.factory import PipelineFactory
 from pipeline.request import InferenceRequest, StreamHandle, new_request_id
@@ -91,13 +91,8 @@ for _path in MODEL_ROUTED:
 @bp.get("/v1/models/<path:name>")
 def openai_model(name: str) -> Response:
     if "/" in name:  # Ollama's route parameter cannot hold a slash
-        return json_response(error_body_404(name), 404)
+        return json_response(openai_error(404, f"model '{name}' not found"), 404)
     return _submit(f"/v1/models/{name}", b"", method="GET", model=name)
-
-
-def error_body_404(name: str) -> dict[str, object]:
-    return {"error": {"message": f"model '{name}' not found", "type": "not_found_error",
-                      "param": None, "code": None}}
 
 
 @bp.route("/", methods=["GET", "HEAD"])

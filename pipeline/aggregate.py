@@ -14,7 +14,7 @@ from typing import Any
 
 import gevent
 
-from pipeline.health import update_models
+from pipeline.health import model_key, take_ps, take_tags
 from pipeline.modelname import canonical, namespace
 from pipeline.node import Node
 from pipeline.registry import NodeRegistry
@@ -51,9 +51,9 @@ class PoolView:
         merged: dict[str, dict[str, Any]] = {}
         for node, data in self._fetch("/api/tags"):
             if data is not None:
-                update_models(node, data, None)
+                take_tags(node, data)
             for entry in node.tags:
-                key = canonical(str(entry.get("model") or entry.get("name") or ""))
+                key = model_key(entry)
                 old = merged.get(key)
                 if old is None or _time(entry.get("modified_at")) > _time(old.get("modified_at")):
                     merged[key] = entry
@@ -64,11 +64,9 @@ class PoolView:
         merged: dict[str, dict[str, Any]] = {}
         for node, data in self._fetch("/api/ps"):
             if data is not None:
-                node.ps = [m for m in data.get("models") or [] if isinstance(m, dict)]
-                node.set_loaded({canonical(str(m.get("model") or m.get("name") or ""))
-                                 for m in node.ps} - {""})
+                take_ps(node, data)
             for entry in node.ps:
-                key = canonical(str(entry.get("model") or entry.get("name") or ""))
+                key = model_key(entry)
                 old = merged.get(key)
                 if old is None or _time(entry.get("expires_at")) > _time(old.get("expires_at")):
                     merged[key] = dict(entry)
@@ -95,7 +93,7 @@ class PoolView:
         """One model in OpenAI shape, echoing the requested id; None if no node has it."""
         key = canonical(name)
         for entry in self.tags()["models"]:
-            if canonical(str(entry.get("model") or entry.get("name") or "")) == key:
+            if model_key(entry) == key:
                 return _openai_model(name, entry.get("modified_at"))
         return None
 

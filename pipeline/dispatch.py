@@ -248,46 +248,27 @@ class Dispatcher:
     def _fan_out(self, ticket: Ticket) -> None:
         p = self.p
         model = ticket.model or ""
-        nodes = [n for n in p.registry.all_nodes() if n.enabled and n.admits()
-                 and n.has_model(model)]
-        t = p.config.timeouts
-
-        def one(node: Node) -> tuple[Node, int, str, bytes] | None:
-            req = ticket.request
-            remaining = max(0.001, ticket.deadline - time.monotonic())
-            try:
-                with gevent.Timeout(remaining):
-                    resp = p.upstream.send(node.url, req.method, req.path, req.body,
-                                           {"Content-Type": "application/json"},
-                                           t.connectTimeoutMs / 1000.0, remaining)
-                    try:
-                        body = resp.content
-                    finally:
-                        resp.close()
-            except (*TRANSPORT_ERRORS, gevent.Timeout):
-                return None
-            if resp.status_code == 200:
-                node.loaded.discard(model)
-            ctype = resp.headers.get("Content-Type", "application/json; charset=utf-8")
-            return node, resp.status_code, ctype, body
-
-        try:
-            jobs = [gevent.spawn(one, n) for n in nodes]
-            gevent.joinall(jobs)
-            results = [j.value for j in jobs if j.value is not None]
-            ticket.attempts = len(nodes)
-            ok = [r for r in results if r[1] == 200]
-            best = ok[0] if ok else (results[0] if results else None)
-            if best is None:
-                raise PipelineError(ErrorCode.NO_AVAILABLE_NODE,
-                                    f"no node could unload model '{ticket.model_raw}'",
-                                    retry_after=1.0)
-            node, status, ctype, body = best
-            ticket.node_id = node.id if len(nodes) == 1 else "all"
-            ticket.set(InferenceResponse(status, ctype, body, ticket.node_id, len(nodes)))
-            p.finish(ticket, str(status))
-        except PipelineError as err:
+        req = ticket.request
+        nodes = p.fan_out.having(model)
+        replies = p.fan_out.send_all(req.method, req.path, req.body, nodes, refresh=False,
+                                     timeout=max(0.001, ticket.deadline - time.monotonic()))
+        answered = [r for r in replies if r.status]
+        for r in answered:
+            if r.status == 200:
+                r.node.loaded.discard(model)
+        ticket.attempts = len(nodes)
+        ok = [r for r in answered if r.status == 200]
+        best = ok[0] if ok else (answered[0] if answered else None)
+        if best is None:
+            err = PipelineError(ErrorCode.NO_AVAILABLE_NODE,
+                                f"no node could unload model '{ticket.model_raw}'",
+                                retry_after=1.0)
             p.finish(ticket, err.code.value, error=err)
+            return
+        ticket.node_id = best.node.id if len(nodes) == 1 else "all"
+        ticket.set(InferenceResponse(best.status, best.content_type, best.body, ticket.node_id,
+                                     len(nodes)))
+        p.finish(ticket, str(best.status))
 
     def _may_retry(self, ticket: Ticket) -> bool:
         return (ticket.attempts <= self.p.config.retry.maxRetries

@@ -34,8 +34,8 @@ class PipelineFactory:
                                   (t.connectTimeoutMs / 1000.0, t.healthCheckTimeoutMs / 1000.0))
         self.health_checker = HealthChecker(self.node_registry, self.upstream, config,
                                             on_change=self.pipeline.poke)
-        self.fan_out = FanOut(self.node_registry, self.upstream, self._fan_out_timeouts,
-                              self.health_checker.discover)
+        self.fan_out: FanOut = self.pipeline.fan_out
+        self.fan_out.refresh = self.health_checker.discover
         self.started = False
 
     @classmethod
@@ -65,10 +65,6 @@ class PipelineFactory:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
-
-    def _fan_out_timeouts(self) -> tuple[float, float]:
-        t = self.config.timeouts
-        return t.connectTimeoutMs / 1000.0, t.requestTimeoutMs / 1000.0
 
     def apply_config(self, config: Config) -> dict[str, Any]:
         """Apply a validated reload in place; restart-only keys keep their running values."""

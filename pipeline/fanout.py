@@ -21,6 +21,8 @@ from pipeline.node import Node
 from pipeline.registry import NodeRegistry
 from pipeline.upstream import UpstreamClient
 
+JSON_TYPE = "application/json; charset=utf-8"
+
 
 @dataclass(frozen=True)
 class NodeReply:
@@ -28,6 +30,7 @@ class NodeReply:
     status: int  # 0: the node could not be reached
     body: bytes
     error: str = ""
+    content_type: str = JSON_TYPE
 
     def message(self) -> str:
         """The node's error text (``{"error"}`` body), or the transport error."""
@@ -44,10 +47,7 @@ class NodeReply:
 class Combined:
     status: int
     body: bytes
-    content_type: str = "application/json; charset=utf-8"
-
-
-JSON_TYPE = "application/json; charset=utf-8"
+    content_type: str = JSON_TYPE
 
 
 def _json(status: int, obj: Any) -> Combined:
@@ -70,9 +70,16 @@ class FanOut:
         key = canonical(model)
         return [n for n in self.serving() if n.has_model(key)]
 
-    def send_all(self, method: str, path: str, body: bytes | None,
-                 nodes: list[Node]) -> list[NodeReply]:
+    def send_all(self, method: str, path: str, body: bytes | None, nodes: list[Node],
+                 timeout: float | None = None, refresh: bool = True) -> list[NodeReply]:
+        """Send to every node at once and wait for all; unreachable nodes give status 0.
+
+        ``timeout`` overrides the configured overall time (a request's remaining deadline);
+        ``refresh`` re-reads the model lists of the nodes that succeeded.
+        """
         connect, overall = self.timeouts()
+        if timeout is not None:
+            overall = timeout
 
         def one(node: Node) -> NodeReply:
             try:
@@ -81,7 +88,8 @@ class FanOut:
                                               {"Content-Type": "application/json"}, connect,
                                               overall)
                     try:
-                        return NodeReply(node, resp.status_code, resp.content)
+                        return NodeReply(node, resp.status_code, resp.content, "",
+                                         resp.headers.get("Content-Type", JSON_TYPE))
                     finally:
                         resp.close()
             except (Exception, gevent.Timeout) as exc:
@@ -91,7 +99,7 @@ class FanOut:
         gevent.joinall(jobs)
         replies = [j.value for j in jobs]
         for reply in replies:
-            if reply.status and reply.status < 300:
+            if refresh and reply.status and reply.status < 300:
                 self.refresh(reply.node)
         return replies
 

@@ -110,12 +110,25 @@ def _entries(data: Any) -> list[dict[str, Any]]:
     return []
 
 
+def model_key(entry: dict[str, Any]) -> str:
+    """The canonical name of a /api/tags or /api/ps entry ("" if it names none)."""
+    return canonical(str(entry.get("model") or entry.get("name") or ""))
+
+
+def take_tags(node: Node, tags: Any) -> None:
+    """A node's /api/tags reply as its installed models."""
+    node.tags = _entries(tags)
+    node.installed = {model_key(m) for m in node.tags} - {""}
+
+
+def take_ps(node: Node, ps: Any) -> None:
+    """A node's /api/ps reply as its loaded models."""
+    node.ps = _entries(ps)
+    node.set_loaded({model_key(m) for m in node.ps} - {""})
+
+
 def update_models(node: Node, tags: Any, ps: Any) -> None:
     """Take a node's /api/tags and /api/ps replies as its model lists."""
-    node.tags = _entries(tags)
-    node.installed = {canonical(str(m.get("model") or m.get("name") or "")) for m in node.tags}
-    node.installed.discard("")
+    take_tags(node, tags)
     if ps is not None:
-        node.ps = _entries(ps)
-        node.set_loaded({canonical(str(m.get("model") or m.get("name") or ""))
-                         for m in node.ps} - {""})
+        take_ps(node, ps)

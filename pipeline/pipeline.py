@@ -23,6 +23,7 @@ from pipeline.config import Config
 from pipeline.dispatch import Dispatcher
 from pipeline.endpoints import endpoint_for, not_found_message
 from pipeline.errors import BackpressureError, ErrorCode, PipelineError
+from pipeline.fanout import FanOut
 from pipeline.metrics import OTHER, MetricsRegistry
 from pipeline.modelname import canonical, display
 from pipeline.node import Node
@@ -134,6 +135,8 @@ class Pipeline:
         self.queue = CapacityQueue(d.queueSize, d.queueTimeoutMs / 1000.0, self._queue_expired)
         self.pool = Pool(d.maxGlobalInFlight)
         self.dispatcher = Dispatcher(self)
+        self.fan_out = FanOut(registry, self.upstream, self._fan_out_timeouts,
+                              refresh=lambda node: None)
         self.in_flight = 0  # admitted by submit, not yet finished
         self.running = False
         self.accepting = False
@@ -186,6 +189,10 @@ class Pipeline:
             "error": node.last_error})
         if new is not CircuitState.OPEN:
             self.poke()  # a trial may now go through: waiting requests can use it
+
+    def _fan_out_timeouts(self) -> tuple[float, float]:
+        t = self.config.timeouts
+        return t.connectTimeoutMs / 1000.0, t.requestTimeoutMs / 1000.0
 
     def _stage_crashed(self, stage: Stage[Slot], exc: BaseException) -> None:
         self.crashed = f"stage {stage.name} crashed: {exc!r}"
