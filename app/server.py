@@ -32,6 +32,12 @@ access = logging.getLogger("ollama_lb.access")
 class _QuietHandler(WSGIHandler):
     """pywsgi's own access log is replaced by the structured one."""
 
+    def get_environ(self) -> dict[str, Any]:
+        """The client's socket goes into the environ, so a waiting view can watch it."""
+        env = super().get_environ()
+        env["ollama_lb.socket"] = self.socket
+        return env
+
     def log_request(self) -> None:
         pass
 

@@ -39,6 +39,8 @@ class ServerConfig:
     maxBodyBytes: int = 64 * 1024 * 1024  # base64 images make bodies tens of MB
     drainSeconds: float = 30.0  # how long SIGTERM waits for in-flight streams
     allowedOrigins: tuple[str, ...] = ()  # CORS beyond Ollama's defaults (OLLAMA_ORIGINS)
+    writeTimeoutMs: int = 30_000  # a client that takes nothing of a reply for this long is cut
+    keepAliveTimeoutMs: int = 75_000  # an idle kept-alive client connection is closed after this
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +59,7 @@ class NodeConfig:
 class StrategyConfig:
     type: str = "model-aware"
     adaptive: bool = False  # weight choices by each node's observed latency
+    maxWarmWaitMs: int = 10_000  # model-aware: longest wait for a busy warm node over an idle one
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +204,8 @@ class ServerSchema(_Section):
     maxBodyBytes = f.Integer(load_default=64 * 1024 * 1024, validate=POSITIVE)
     drainSeconds = f.Float(load_default=30.0, validate=NON_NEGATIVE)
     allowedOrigins = f.List(f.String(validate=validate.Length(min=1)), load_default=list)
+    writeTimeoutMs = f.Integer(load_default=30_000, validate=POSITIVE)
+    keepAliveTimeoutMs = f.Integer(load_default=75_000, validate=POSITIVE)
 
 
 class NodeSchema(_Section):
@@ -225,6 +230,7 @@ class StrategySchema(_Section):
     target = StrategyConfig
     type = f.String(load_default="model-aware", validate=validate.OneOf(STRATEGIES))
     adaptive = f.Boolean(load_default=False)
+    maxWarmWaitMs = f.Integer(load_default=10_000, validate=NON_NEGATIVE)
 
 
 class DisruptorSchema(_Section):

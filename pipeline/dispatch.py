@@ -324,6 +324,8 @@ class StreamRelay:
         self.last_line = b""
         self.complete = False  # the node's stream was read to its end
         self.closed = False
+        self.cut_reason: str | None = None  # set by cut(): why the appliance ended the stream
+        pipeline.streams.add(self)
 
     def lines(self) -> Iterator[bytes]:
         try:
@@ -343,11 +345,26 @@ class StreamRelay:
                 yield piece
             self.complete = True
         except TRANSPORT_ERRORS as exc:
+            self.complete = True
+            if self.cut_reason is not None:  # the appliance ended it: not the node's fault
+                self.outcome = "CUT"
+                yield self.error_line(self.cut_reason)
+                return
             reason = f"node {self.node.id}: {describe(exc)} during the stream"
             self.node.record_failure(reason, live=True)
             self.outcome = "STREAM_BROKEN"
-            self.complete = True
             yield self.error_line(reason)
+
+    def cut(self, reason: str) -> None:
+        """End the stream from outside (shutdown): the reader gets one error line, then EOF.
+
+        Closing the upstream connection wakes the greenlet blocked reading it with an error,
+        which ``lines()`` turns into the error line.
+        """
+        if self.closed or self.complete:
+            return
+        self.cut_reason = reason
+        self.resp.raw.close()
 
     def error_line(self, message: str) -> bytes:
         """One final error line: native ``{"error"}`` or an OpenAI SSE error frame."""
@@ -362,6 +379,7 @@ class StreamRelay:
         if self.closed:
             return
         self.closed = True
+        self.p.streams.discard(self)
         if not self.complete:
             self.outcome = "CANCELLED"  # the caller stopped reading: the node call is cut
         try:

@@ -142,6 +142,7 @@ class Pipeline:
         self.accepting = False
         self.crashed: str | None = None
         self.finish_hooks: list[Callable[[Ticket], None]] = []
+        self.streams: set[Any] = set()  # StreamRelays handed to callers and not yet closed
         self._draining_queue = False
         self._allowed = {canonical(m) for m in config.validation.allowedModels}
         self.disruptor: Disruptor[Slot] = (
@@ -177,6 +178,13 @@ class Pipeline:
                 ErrorCode.SHUTTING_DOWN, "server shutting down", retry_after=5.0))
         self.disruptor.halt()
         self.running = False
+
+    def cut_streams(self, reason: str) -> int:
+        """End every live stream with one error line (shutdown past the drain bound)."""
+        streams = list(self.streams)
+        for relay in streams:
+            relay.cut(reason)
+        return len(streams)
 
     @property
     def stages(self) -> list[Stage[Slot]]:
