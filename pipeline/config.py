@@ -3,14 +3,21 @@
 The file format keeps every key of the original Java project's ``config.yaml`` (camelCase, same
 sections, same defaults) and adds a few keys of its own, each documented in the README. Unknown
 keys are errors, never silently ignored: a typo in a production config must not pass unnoticed.
+
+Each key is declared once, as a field of a frozen dataclass made with ``setting()``: its
+default, its validator and whether only a restart can apply it. The marshmallow schemas that
+check a file are derived from those fields, and so is the list of restart-only keys, so a
+default or a restart flag can never say one thing in the schema and another in the object.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, replace
+from functools import cache
+from types import NoneType, UnionType
+from typing import Any, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
 import yaml
@@ -31,96 +38,140 @@ class ConfigError(ValueError):
         super().__init__(f"{source}: " + "; ".join(problems))
 
 
+# --- validators --------------------------------------------------------------------------------
+
+POSITIVE = validate.Range(min=1)
+NON_NEGATIVE = validate.Range(min=0)
+AT_LEAST_ONE = validate.Range(min=1.0)  # for floats: the message says 1.0
+NOT_EMPTY = validate.Length(min=1)
+PORT = validate.Range(min=0, max=65535)
+METRIC_NAME = validate.Regexp(r"^[a-zA-Z_][a-zA-Z0-9_]*$", error="must be a metric name")
+
+
+def _power_of_two(value: int) -> None:
+    if value < 1 or value & (value - 1):
+        raise ValidationError(f"must be a power of two (1024, 2048, ...), got {value}")
+
+
+def _http_url(value: str) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValidationError(f"must be an http:// or https:// URL with a host, got {value!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise ValidationError(f"bad port in {value!r}") from exc
+
+
+def _strip_slash(value: Any) -> Any:
+    """``http://h:1/`` and ``http://h:1`` are one node; anything else is left to the check."""
+    return value.rstrip("/") if isinstance(value, str) else value
+
+
+def setting(default: Any = MISSING, validator: Callable[[Any], Any] | None = None, *,
+            items: Callable[[Any], Any] | None = None, restart: bool = False,
+            clean: Callable[[Any], Any] | None = None) -> Any:
+    """A config key: its default, its validator, and whether only a restart applies it.
+
+    ``items`` validates each element of a list key; ``clean`` normalises the raw value before
+    it is checked. No default makes the key required.
+    """
+    meta = {"validate": validator, "items": items, "restart": restart, "clean": clean}
+    return field(default=default, metadata={k: v for k, v in meta.items() if v})
+
+
+# --- the config, one frozen dataclass per section ----------------------------------------------
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    port: int = 8080
-    host: str = "0.0.0.0"
-    backlog: int = 1024
-    maxBodyBytes: int = 64 * 1024 * 1024  # base64 images make bodies tens of MB
-    drainSeconds: float = 30.0  # how long SIGTERM waits for in-flight streams
-    allowedOrigins: tuple[str, ...] = ()  # CORS beyond Ollama's defaults (OLLAMA_ORIGINS)
-    writeTimeoutMs: int = 30_000  # a client that takes nothing of a reply for this long is cut
-    keepAliveTimeoutMs: int = 75_000  # an idle kept-alive client connection is closed after this
+    port: int = setting(8080, PORT, restart=True)
+    host: str = setting("0.0.0.0", restart=True)
+    backlog: int = setting(1024, POSITIVE, restart=True)
+    maxBodyBytes: int = setting(64 * 1024 * 1024, POSITIVE)  # base64 images: tens of MB
+    drainSeconds: float = setting(30.0, NON_NEGATIVE)  # how long SIGTERM waits for streams
+    allowedOrigins: tuple[str, ...] = setting((), items=NOT_EMPTY)  # CORS, like OLLAMA_ORIGINS
+    writeTimeoutMs: int = setting(30_000, POSITIVE)  # a client taking nothing this long is cut
+    keepAliveTimeoutMs: int = setting(75_000, POSITIVE)  # idle kept-alive client connections
 
 
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
-    id: str
-    url: str
-    models: tuple[str, ...] = ()
-    maxConcurrentRequests: int = 4
-    weight: int = 1
-    enabled: bool = True
-    healthCheck: bool | None = None  # None: follow healthCheck.enabled
-    discovery: bool | None = None  # None: follow healthCheck.discovery
+    id: str = setting(validator=NOT_EMPTY)
+    url: str = setting(validator=_http_url, clean=_strip_slash)
+    models: tuple[str, ...] = setting((), items=NOT_EMPTY)
+    maxConcurrentRequests: int = setting(4, POSITIVE)
+    weight: int = setting(1, POSITIVE)
+    enabled: bool = setting(True)
+    healthCheck: bool | None = setting(None)  # None: follow healthCheck.enabled
+    discovery: bool | None = setting(None)  # None: follow healthCheck.discovery
 
 
 @dataclass(frozen=True, slots=True)
 class StrategyConfig:
-    type: str = "model-aware"
-    adaptive: bool = False  # weight choices by each node's observed latency
-    maxWarmWaitMs: int = 10_000  # model-aware: longest wait for a busy warm node over an idle one
+    type: str = setting("model-aware", validate.OneOf(STRATEGIES))
+    adaptive: bool = setting(False)  # weight choices by each node's observed latency
+    maxWarmWaitMs: int = setting(10_000, NON_NEGATIVE)  # model-aware: wait for a busy warm node
 
 
 @dataclass(frozen=True, slots=True)
 class DisruptorConfig:
-    ringBufferSize: int = 1024
-    waitStrategy: str = "yielding"
-    maxGlobalInFlight: int = 1024
-    queueSize: int = 512  # requests waiting for node capacity, across all models
-    queueTimeoutMs: int = 30_000  # longest wait for node capacity before 503
+    ringBufferSize: int = setting(1024, _power_of_two, restart=True)
+    waitStrategy: str = setting("yielding", validate.OneOf(WAIT_STRATEGIES), restart=True)
+    maxGlobalInFlight: int = setting(1024, POSITIVE)
+    queueSize: int = setting(512, NON_NEGATIVE)  # requests waiting for node capacity, in all
+    queueTimeoutMs: int = setting(30_000, NON_NEGATIVE)  # longest wait for capacity, then 503
 
 
 @dataclass(frozen=True, slots=True)
 class TimeoutsConfig:
-    requestTimeoutMs: int = 300_000  # queue + connect + first byte (whole reply if not streamed)
-    connectTimeoutMs: int = 5_000
-    healthCheckTimeoutMs: int = 2_000
-    firstByteTimeoutMs: int = 240_000  # a cold model load can take minutes: not a dead node
-    streamIdleTimeoutMs: int = 120_000  # silence between two chunks of a started stream
+    requestTimeoutMs: int = setting(300_000, POSITIVE)  # queue + connect + first byte
+    connectTimeoutMs: int = setting(5_000, POSITIVE)
+    healthCheckTimeoutMs: int = setting(2_000, POSITIVE)
+    firstByteTimeoutMs: int = setting(240_000, POSITIVE)  # a cold model load is not a dead node
+    streamIdleTimeoutMs: int = setting(120_000, POSITIVE)  # silence between two stream chunks
 
 
 @dataclass(frozen=True, slots=True)
 class RetryConfig:
-    maxRetries: int = 2
-    initialBackoffMs: int = 50
-    maxBackoffMs: int = 2_000
-    backoffMultiplier: float = 2.0
+    maxRetries: int = setting(2, NON_NEGATIVE)
+    initialBackoffMs: int = setting(50, NON_NEGATIVE)
+    maxBackoffMs: int = setting(2_000, NON_NEGATIVE)
+    backoffMultiplier: float = setting(2.0, AT_LEAST_ONE)
 
 
 @dataclass(frozen=True, slots=True)
 class HealthCheckConfig:
-    intervalMs: int = 5_000
-    degradedThreshold: int = 1
-    downThreshold: int = 3
-    circuitBreakerFailureThreshold: int = 5
-    circuitBreakerRecoveryMs: int = 30_000
-    enabled: bool = True
-    discovery: bool = True  # learn installed (/api/tags) and loaded (/api/ps) models
-    modelRefreshMs: int = 10_000
+    intervalMs: int = setting(5_000, POSITIVE)
+    degradedThreshold: int = setting(1, POSITIVE)
+    downThreshold: int = setting(3, POSITIVE)
+    circuitBreakerFailureThreshold: int = setting(5, POSITIVE)
+    circuitBreakerRecoveryMs: int = setting(30_000, POSITIVE)
+    enabled: bool = setting(True)
+    discovery: bool = setting(True)  # learn installed (/api/tags) and loaded (/api/ps) models
+    modelRefreshMs: int = setting(10_000, POSITIVE)
 
 
 @dataclass(frozen=True, slots=True)
 class ValidationConfig:
-    maxPromptLength: int = 1_000_000
-    allowedModels: tuple[str, ...] = ()  # empty: every model
+    maxPromptLength: int = setting(1_000_000, POSITIVE)
+    allowedModels: tuple[str, ...] = setting(())  # empty: every model
 
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
-    enabled: bool = True
-    prefix: str = "ollama_lb"
+    enabled: bool = setting(True)
+    prefix: str = setting("ollama_lb", METRIC_NAME)
 
 
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
-    token: str | None = None  # also OLLAMA_LB_ADMIN_TOKEN; none: loopback clients only
+    token: str | None = setting(None)  # also OLLAMA_LB_ADMIN_TOKEN; none: loopback clients only
 
 
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
-    level: str = "INFO"
-    logBodies: bool = False  # prompts and replies are never logged unless this is true
+    level: str = setting("INFO", validate.OneOf(LOG_LEVELS))
+    logBodies: bool = setting(False)  # prompts and replies are never logged unless true
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,183 +209,86 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-# --- schemas -----------------------------------------------------------------------------------
+def settings() -> Iterator[tuple[str, Field[Any]]]:
+    """Every key of the file as ``(path, field)``: ``server.port``, ``nodes[].url``, ..."""
+    for name, hint in get_type_hints(Config).items():
+        cls, path = (NodeConfig, "nodes[]") if name == "nodes" else (hint, name)
+        yield from ((f"{path}.{fl.name}", fl) for fl in fields(cls))
 
-POSITIVE = validate.Range(min=1)
-NON_NEGATIVE = validate.Range(min=0)
 
+# --- schemas, derived from the dataclasses -----------------------------------------------------
 
-def _defaults(cls: type) -> dict[str, Any]:
-    return {fl.name: getattr(cls(), fl.name) for fl in fields(cls)}
+SCALARS: dict[type, type[f.Field]] = {bool: f.Boolean, int: f.Integer, float: f.Float,
+                                       str: f.String}
 
 
 class _Section(Schema):
-    """A config section: unknown keys raise, a post_load builds the frozen object."""
+    """A config section: unknown keys raise; absent keys take the dataclass's defaults."""
 
     target: type = object
+    cleaners: dict[str, Callable[[Any], Any]] = {}
 
     class Meta:
         unknown = RAISE
+
+    @pre_load
+    def clean(self, data: Any, **_: Any) -> Any:
+        if isinstance(data, dict) and any(k in data for k in self.cleaners):
+            data = {k: self.cleaners[k](v) if k in self.cleaners else v for k, v in data.items()}
+        return data
 
     @post_load
     def build(self, data: dict[str, Any], **_: Any) -> Any:
         return self.target(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
-def _power_of_two(value: int) -> None:
-    if value < 1 or value & (value - 1):
-        raise ValidationError(f"must be a power of two (1024, 2048, ...), got {value}")
+def _schema_field(hint: Any, fl: Field[Any]) -> f.Field:
+    """The marshmallow field for one dataclass field, from its type hint and its metadata."""
+    kwargs: dict[str, Any] = {"required": fl.default is MISSING and fl.default_factory is MISSING,
+                              "validate": fl.metadata.get("validate")}
+    if isinstance(hint, UnionType) and NoneType in get_args(hint):
+        (hint,) = (a for a in get_args(hint) if a is not NoneType)
+        kwargs["allow_none"] = True
+    if get_origin(hint) is tuple:  # tuple[X, ...]: a YAML list
+        item = get_args(hint)[0]
+        inner = (f.Nested(schema_for(item)) if is_dataclass(item)
+                 else SCALARS[item](validate=fl.metadata.get("items")))
+        return f.List(inner, **kwargs)
+    if is_dataclass(hint):
+        return f.Nested(schema_for(hint), **kwargs)
+    return SCALARS[hint](**kwargs)
 
 
-def _http_url(value: str) -> None:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValidationError(f"must be an http:// or https:// URL with a host, got {value!r}")
-    try:
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError as exc:
-        raise ValidationError(f"bad port in {value!r}") from exc
+@cache
+def schema_for(cls: type, base: type[Schema] = _Section) -> type[Schema]:
+    """The schema of one config dataclass: a field per dataclass field, in the same order."""
+    hints = get_type_hints(cls)
+    attrs: dict[str, Any] = {"target": cls, "cleaners": {
+        fl.name: fl.metadata["clean"] for fl in fields(cls) if "clean" in fl.metadata}}
+    for fl in sorted(fields(cls), key=lambda fl: fl.name != "nodes"):  # nodes' problems first
+        attrs[fl.name] = _schema_field(hints[fl.name], fl)
+    return type(cls.__name__.replace("Config", "") + "Schema", (base,), attrs)
 
 
-class ServerSchema(_Section):
-    target = ServerConfig
-    port = f.Integer(load_default=8080, validate=validate.Range(min=0, max=65535))
-    host = f.String(load_default="0.0.0.0")
-    backlog = f.Integer(load_default=1024, validate=POSITIVE)
-    maxBodyBytes = f.Integer(load_default=64 * 1024 * 1024, validate=POSITIVE)
-    drainSeconds = f.Float(load_default=30.0, validate=NON_NEGATIVE)
-    allowedOrigins = f.List(f.String(validate=validate.Length(min=1)), load_default=list)
-    writeTimeoutMs = f.Integer(load_default=30_000, validate=POSITIVE)
-    keepAliveTimeoutMs = f.Integer(load_default=75_000, validate=POSITIVE)
-
-
-class NodeSchema(_Section):
-    target = NodeConfig
-    id = f.String(required=True, validate=validate.Length(min=1))
-    url = f.String(required=True, validate=_http_url)
-    models = f.List(f.String(validate=validate.Length(min=1)), load_default=list)
-    maxConcurrentRequests = f.Integer(load_default=4, validate=POSITIVE)
-    weight = f.Integer(load_default=1, validate=POSITIVE)
-    enabled = f.Boolean(load_default=True)
-    healthCheck = f.Boolean(load_default=None, allow_none=True)
-    discovery = f.Boolean(load_default=None, allow_none=True)
+class _Root(_Section):
+    """The whole file: a mapping; an empty section (``server:`` alone) takes every default."""
 
     @pre_load
-    def strip_url(self, data: Any, **_: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("url"), str):
-            data = {**data, "url": data["url"].rstrip("/")}
-        return data
-
-
-class StrategySchema(_Section):
-    target = StrategyConfig
-    type = f.String(load_default="model-aware", validate=validate.OneOf(STRATEGIES))
-    adaptive = f.Boolean(load_default=False)
-    maxWarmWaitMs = f.Integer(load_default=10_000, validate=NON_NEGATIVE)
-
-
-class DisruptorSchema(_Section):
-    target = DisruptorConfig
-    ringBufferSize = f.Integer(load_default=1024, validate=_power_of_two)
-    waitStrategy = f.String(load_default="yielding", validate=validate.OneOf(WAIT_STRATEGIES))
-    maxGlobalInFlight = f.Integer(load_default=1024, validate=POSITIVE)
-    queueSize = f.Integer(load_default=512, validate=NON_NEGATIVE)
-    queueTimeoutMs = f.Integer(load_default=30_000, validate=NON_NEGATIVE)
-
-
-def _section_schema(cls: type, **overrides: f.Field) -> type[_Section]:
-    """A schema whose fields are all optional with the dataclass defaults, positive numbers."""
-    attrs: dict[str, Any] = {"target": cls}
-    for name, default in _defaults(cls).items():
-        if name in overrides:
-            attrs[name] = overrides[name]
-        elif isinstance(default, bool):
-            attrs[name] = f.Boolean(load_default=default)
-        elif isinstance(default, int):
-            attrs[name] = f.Integer(load_default=default, validate=POSITIVE)
-        elif isinstance(default, float):
-            attrs[name] = f.Float(load_default=default, validate=validate.Range(min=1.0))
-    return type(cls.__name__.replace("Config", "Schema"), (_Section,), attrs)
-
-
-TimeoutsSchema = _section_schema(TimeoutsConfig)
-RetrySchema = _section_schema(
-    RetryConfig,
-    maxRetries=f.Integer(load_default=2, validate=NON_NEGATIVE),
-    initialBackoffMs=f.Integer(load_default=50, validate=NON_NEGATIVE),
-    maxBackoffMs=f.Integer(load_default=2_000, validate=NON_NEGATIVE),
-)
-HealthCheckSchema = _section_schema(HealthCheckConfig)
-
-
-class ValidationSchema(_Section):
-    target = ValidationConfig
-    maxPromptLength = f.Integer(load_default=1_000_000, validate=POSITIVE)
-    allowedModels = f.List(f.String(), load_default=list)
-
-
-class MetricsSchema(_Section):
-    target = MetricsConfig
-    enabled = f.Boolean(load_default=True)
-    prefix = f.String(
-        load_default="ollama_lb",
-        validate=validate.Regexp(r"^[a-zA-Z_][a-zA-Z0-9_]*$", error="must be a metric name"),
-    )
-
-
-class AdminSchema(_Section):
-    target = AdminConfig
-    token = f.String(load_default=None, allow_none=True)
-
-
-class LoggingSchema(_Section):
-    target = LoggingConfig
-    level = f.String(load_default="INFO", validate=validate.OneOf(LOG_LEVELS))
-    logBodies = f.Boolean(load_default=False)
-
-
-SECTIONS: dict[str, type[_Section]] = {
-    "server": ServerSchema,
-    "strategy": StrategySchema,
-    "disruptor": DisruptorSchema,
-    "timeouts": TimeoutsSchema,
-    "retry": RetrySchema,
-    "healthCheck": HealthCheckSchema,
-    "validation": ValidationSchema,
-    "metrics": MetricsSchema,
-    "admin": AdminSchema,
-    "logging": LoggingSchema,
-}
-
-
-class ConfigSchema(Schema):
-    class Meta:
-        unknown = RAISE
-
-    nodes = f.List(f.Nested(NodeSchema), load_default=list)
-    locals().update({name: f.Nested(schema) for name, schema in SECTIONS.items()})
-
-    @pre_load
-    def fill_sections(self, data: Any, **_: Any) -> Any:
-        """Absent or empty sections take every default (``server:`` alone parses as None)."""
+    def mapping(self, data: Any, **_: Any) -> Any:
         if not isinstance(data, dict):
             raise ValidationError("the config must be a YAML mapping", "_schema")
-        data = dict(data)
-        for name in SECTIONS:
-            if data.get(name) is None:
-                data[name] = {}
-        if data.get("nodes") is None:
-            data["nodes"] = []
-        return data
+        return {k: v for k, v in data.items() if v is not None or k not in self.fields}
 
     @post_load
-    def build(self, data: dict[str, Any], **_: Any) -> Config:
-        ids = [n.id for n in data["nodes"]]
+    def build(self, data: dict[str, Any], **_: Any) -> Any:
+        ids = [n.id for n in data.get("nodes", ())]
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise ValidationError({"nodes": [f"duplicate node id(s): {', '.join(dupes)}"]})
-        data["nodes"] = tuple(data["nodes"])
-        return Config(**data)
+        return super().build(data)
+
+
+ConfigSchema = schema_for(Config, _Root)
 
 
 def flatten_errors(messages: Any, prefix: str = "") -> list[str]:
@@ -381,23 +335,22 @@ def parse_text(text: str, source: str = "config") -> Config:
     return parse_config(data, source)
 
 
+# --- restart-only keys -------------------------------------------------------------------------
+
+#: ``(section, key)`` of every key marked ``restart=True``, in declaration order.
+RESTART_KEYS: tuple[tuple[str, str], ...] = tuple(
+    (path.split(".")[0], fl.name) for path, fl in settings() if fl.metadata.get("restart"))
+
+
 def restart_required(old: Config, new: Config) -> list[str]:
     """Keys whose change only a restart can apply (reported, never half-applied)."""
-    keys = []
-    for name in ("host", "port", "backlog"):
-        if getattr(old.server, name) != getattr(new.server, name):
-            keys.append(f"server.{name}")
-    if old.disruptor.ringBufferSize != new.disruptor.ringBufferSize:
-        keys.append("disruptor.ringBufferSize")
-    if old.disruptor.waitStrategy != new.disruptor.waitStrategy:
-        keys.append("disruptor.waitStrategy")
-    return keys
+    return [f"{s}.{k}" for s, k in RESTART_KEYS
+            if getattr(getattr(old, s), k) != getattr(getattr(new, s), k)]
 
 
 def with_restart_keys_from(old: Config, new: Config) -> Config:
     """``new`` with the restart-only keys kept as ``old`` has them, so nothing is half-applied."""
-    server = replace(new.server, host=old.server.host, port=old.server.port,
-                     backlog=old.server.backlog)
-    disruptor = replace(new.disruptor, ringBufferSize=old.disruptor.ringBufferSize,
-                        waitStrategy=old.disruptor.waitStrategy)
-    return replace(new, server=server, disruptor=disruptor)
+    kept: dict[str, dict[str, Any]] = {}
+    for s, k in RESTART_KEYS:
+        kept.setdefault(s, {})[k] = getattr(getattr(old, s), k)
+    return replace(new, **{s: replace(getattr(new, s), **keys) for s, keys in kept.items()})
