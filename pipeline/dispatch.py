@@ -1,45 +1,46 @@
-"""Dispatch: one greenlet per request talks to the node, with retries before the first byte.
+"""Dispatch: one greenlet per request talks to the node, retrying before the first byte.
 
-The dispatch stage only spawns; the LLM call runs here, off the ring. Retries happen only
-before anything has reached the caller: on a connect failure, a reset before the response
-headers, a first-byte timeout, or a 502/503/504 from the node (Ollama's 503 "server busy"
-included), with exponential backoff and jitter, on a different node where one can serve, and
-within the request's deadline. Once a reply has started, a failure ends it with one error line.
+The dispatch stage only spawns; the LLM call runs here, off the ring. What is retried, and
+where, is the retry policy's call (``pipeline/retry.py``); a started stream is handed to a
+``StreamRelay``. Once a reply has started, a failure ends it with one error line.
 
 Ownership of the node slot is explicit: ``held`` is released in ``finally`` unless it has been
-handed to a StreamHandle, whose ``close()`` releases it.
+handed to a reply (released at once) or a StreamHandle (whose ``close()`` releases it).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import time
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import gevent
-from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
-from urllib3.exceptions import HTTPError as Urllib3Error
+from gevent.pool import Pool
 
+from pipeline.config import Config
 from pipeline.errors import ErrorCode, PipelineError
+from pipeline.ledger import Ledger
+from pipeline.metrics import MetricsRegistry
+from pipeline.node import Node
+from pipeline.registry import NodeRegistry
+from pipeline.relay import StreamRelay
 from pipeline.request import InferenceResponse, StreamHandle, Ticket
-from pipeline.upstream import UpstreamResponse, is_stream, whole_lines
-
-if TYPE_CHECKING:
-    from pipeline.node import Node
-    from pipeline.pipeline import Pipeline
+from pipeline.retry import RETRYABLE_STATUS, RetryPolicy
+from pipeline.routing import Router
+from pipeline.unload import Unload
+from pipeline.upstream import (
+    TRANSPORT_ERRORS,
+    FirstByteTimeout,
+    UpstreamClient,
+    UpstreamResponse,
+    describe,
+    is_stream,
+)
 
 log = logging.getLogger("ollama_lb.dispatch")
 
-RETRYABLE_STATUS = frozenset({502, 503, 504})
-TRANSPORT_ERRORS = (Urllib3Error, OSError)
 FORWARD_HEADERS = ("user-agent", "accept", "authorization", "x-request-id")
-
-
-class FirstByteTimeout(Exception):
-    """No response headers within the first-byte timeout."""
 
 
 def well_formed(body: bytes) -> bool:
@@ -56,35 +57,23 @@ def well_formed(body: bytes) -> bool:
     return True
 
 
-def backoff_delay(attempt: int, initial_s: float, multiplier: float, max_s: float,
-                  rng: Callable[[], float] = random.random) -> float:
-    """Exponential backoff with equal jitter for retry ``attempt`` (1-based)."""
-    base = min(max_s, initial_s * multiplier ** (attempt - 1))
-    return base / 2 + rng() * base / 2
-
-
-def describe(exc: BaseException) -> str:
-    """A short, operator-readable reason for a transport failure."""
-    if isinstance(exc, FirstByteTimeout):
-        return "timed out waiting for the first byte"
-    if isinstance(exc, ConnectTimeoutError):
-        return "connect timed out"
-    if isinstance(exc, ReadTimeoutError | TimeoutError):
-        return "read timed out"
-    text = str(exc)
-    for marker, reason in (("Read timed out", "read timed out"),
-                           ("Connection refused", "connection refused"),
-                           ("reset by peer", "connection reset"),
-                           ("RemoteDisconnected", "connection closed before a response"),
-                           ("Connection aborted", "connection aborted")):
-        if marker in text:
-            return reason
-    return text[:200] or type(exc).__name__
-
-
 class Dispatcher:
-    def __init__(self, pipeline: Pipeline) -> None:
-        self.p = pipeline
+    """Runs the node calls of dispatched requests, each in a greenlet of its own."""
+
+    def __init__(self, settings: Callable[[], Config], registry: NodeRegistry, router: Router,
+                 ledger: Ledger, metrics: MetricsRegistry, upstream: UpstreamClient,
+                 retry: RetryPolicy, unload: Unload, pool_size: int) -> None:
+        self.settings = settings  # the live config (reloads apply to the next attempt)
+        self.registry = registry
+        self.router = router
+        self.ledger = ledger
+        self.metrics = metrics
+        self.upstream = upstream
+        self.retry = retry
+        self.unload = unload
+        self.pool = Pool(pool_size)
+        self.streams: set[StreamRelay] = set()  # handed to callers and not yet closed
+        self.requeue: Callable[[Ticket], bool] = lambda ticket: False  # wired by the pipeline
 
     def start(self, ticket: Ticket, node: Node) -> None:
         """Spawn the call; returns at once.
@@ -96,7 +85,7 @@ class Dispatcher:
         if ticket.endpoint is not None and ticket.endpoint.loads_model and ticket.model:
             node.mark_loaded(ticket.model)
         started: list[bool] = []
-        g = self.p.pool.spawn(self._run, ticket, node, started)
+        g = self.pool.spawn(self._run, ticket, node, started)
 
         def cancel() -> None:
             """The caller gave up: a running call cleans up in its ``finally``."""
@@ -104,14 +93,13 @@ class Dispatcher:
                 g.kill()
             else:  # killed before it ran: nothing else will free its slot
                 g.kill()
-                self.p.registry.release(node)
-                self.p.finish(ticket, "CANCELLED")
+                self.registry.release(node)
+                self.ledger.finish(ticket, "CANCELLED")
 
         ticket.on_cancel = cancel
 
     def _run(self, ticket: Ticket, node: Node, started: list[bool]) -> None:
         started.append(True)
-        p = self.p
         held: Node | None = node
         tried: list[Node] = []
         last_error = "no attempt made"
@@ -128,32 +116,32 @@ class Dispatcher:
                     return
                 last_error = failure
                 tried.append(held)
-                p.registry.release(held)
+                self.registry.release(held)
                 held = None
                 if time.monotonic() >= ticket.deadline:
                     raise PipelineError(ErrorCode.TIMEOUT, "request timed out")
-                if not self._may_retry(ticket):
+                if not self.retry.may_retry(ticket):
                     break
-                held = self._next_node(ticket, tried)
+                held = self.retry.next_node(ticket, tried)
                 if held is not None:
-                    p.metrics.retry(held.id)
-                elif p.requeue(ticket):
+                    self.metrics.retry(held.id)
+                elif self.requeue(ticket):
                     return  # every node is busy: wait for capacity like any other request
             raise PipelineError(ErrorCode.UPSTREAM, last_error, retry_after=1.0)
         except PipelineError as err:
-            p.finish(ticket, err.code.value, error=err)
+            self.ledger.finish(ticket, err.code.value, error=err)
         except gevent.GreenletExit:
             if held is not None:
                 held.breaker.release_trial()  # no verdict: let another trial through
-            p.finish(ticket, "CANCELLED")
+            self.ledger.finish(ticket, "CANCELLED")
             raise
         except Exception as exc:  # a bug: answer the caller, never leave it hanging
             log.exception("dispatch failed")
-            p.finish(ticket, ErrorCode.INTERNAL.value,
+            self.ledger.finish(ticket, ErrorCode.INTERNAL.value,
                      error=PipelineError(ErrorCode.INTERNAL, f"internal error: {exc}"))
         finally:
             if held is not None:
-                p.registry.release(held)
+                self.registry.release(held)
 
     def _attempt(self, ticket: Ticket, node: Node, remaining: float,
                  tried: list[Node]) -> str | None:
@@ -172,7 +160,7 @@ class Dispatcher:
         if status == 404 and self._stale_model(ticket, node, tried):
             resp.close()
             return f"node {node.id}: model not found there (stale model list)"
-        if status in RETRYABLE_STATUS and self._may_retry(ticket):
+        if status in RETRYABLE_STATUS and self.retry.may_retry(ticket):
             resp.close()
             return self._failed(ticket, node, f"HTTP {status}")
         if is_stream(ctype) and status < 300:
@@ -194,10 +182,10 @@ class Dispatcher:
             ticket.first_byte_at = time.monotonic()
         else:
             self._succeeded(ticket, node, time.monotonic() - t0)
-        self.p.registry.release(node)
-        self.p.observe_body(ticket, body)
+        self.registry.release(node)
+        self.ledger.observe_body(ticket, body)
         ticket.set(InferenceResponse(status, ctype, body, node.id, ticket.attempts))
-        self.p.finish(ticket, str(status))
+        self.ledger.finish(ticket, str(status))
         return None
 
     def _failed(self, ticket: Ticket, node: Node, reason: str) -> str:
@@ -216,7 +204,8 @@ class Dispatcher:
 
     def _hand_over_stream(self, ticket: Ticket, node: Node, resp: UpstreamResponse,
                           ctype: str) -> None:
-        relay = StreamRelay(self.p, ticket, node, resp)
+        relay = StreamRelay(ticket, node, resp, self.ledger, self.registry.release,
+                            self.streams)
         handle = StreamHandle(resp.status_code, ctype, relay.lines(), relay.close, node.id,
                               ticket.attempts)
         if ticket.done():  # the caller went away meanwhile
@@ -236,59 +225,17 @@ class Dispatcher:
             return False
         node.installed.discard(model)
         node.loaded.discard(model)
-        others = [n for n in self.p.registry.all_nodes()
+        others = [n for n in self.registry.all_nodes()
                   if n is not node and n not in tried and n.has_model(model)]
         return bool(others) and time.monotonic() < ticket.deadline
 
     def fan_out(self, ticket: Ticket) -> None:
-        """Send one request to every node that has the model (unload); answer once."""
-        g = self.p.pool.spawn(self._fan_out, ticket)
+        """An unload: sent to every node with the model, answered once."""
+        g = self.pool.spawn(self.unload.run, ticket)
         ticket.on_cancel = g.kill
 
-    def _fan_out(self, ticket: Ticket) -> None:
-        p = self.p
-        model = ticket.model or ""
-        req = ticket.request
-        nodes = p.fan_out.having(model)
-        replies = p.fan_out.send_all(req.method, req.path, req.body, nodes, refresh=False,
-                                     timeout=max(0.001, ticket.deadline - time.monotonic()))
-        answered = [r for r in replies if r.status]
-        for r in answered:
-            if r.status == 200:
-                r.node.loaded.discard(model)
-        ticket.attempts = len(nodes)
-        ok = [r for r in answered if r.status == 200]
-        best = ok[0] if ok else (answered[0] if answered else None)
-        if best is None:
-            err = PipelineError(ErrorCode.NO_AVAILABLE_NODE,
-                                f"no node could unload model '{ticket.model_raw}'",
-                                retry_after=1.0)
-            p.finish(ticket, err.code.value, error=err)
-            return
-        ticket.node_id = best.node.id if len(nodes) == 1 else "all"
-        ticket.set(InferenceResponse(best.status, best.content_type, best.body, ticket.node_id,
-                                     len(nodes)))
-        p.finish(ticket, str(best.status))
-
-    def _may_retry(self, ticket: Ticket) -> bool:
-        return (ticket.attempts <= self.p.config.retry.maxRetries
-                and time.monotonic() < ticket.deadline)
-
-    def _next_node(self, ticket: Ticket, tried: list[Node]) -> Node | None:
-        """Back off, then take a different node if one can serve, else a tried one."""
-        retry = self.p.config.retry
-        delay = backoff_delay(ticket.attempts, retry.initialBackoffMs / 1000.0,
-                              retry.backoffMultiplier, retry.maxBackoffMs / 1000.0)
-        delay = min(delay, max(0.0, ticket.deadline - time.monotonic()))
-        if delay > 0:
-            gevent.sleep(delay)
-        assert ticket.model is not None
-        return self.p.router.acquire(ticket.model, exclude=tried) or self.p.router.acquire(
-            ticket.model)
-
     def _send(self, ticket: Ticket, node: Node, remaining: float) -> UpstreamResponse:
-        p = self.p
-        t = p.config.timeouts
+        t = self.settings().timeouts
         req = ticket.request
         headers = {"Content-Type": "application/json", "X-Request-ID": req.request_id}
         for name, value in req.headers:
@@ -300,7 +247,7 @@ class Dispatcher:
                    else gevent.Timeout(remaining, PipelineError(ErrorCode.TIMEOUT,
                                                                 "request timed out")))
         with timeout:
-            resp = p.upstream.send(
+            resp = self.upstream.send(
                 node.url, req.method, req.path, req.body, headers,
                 connect_timeout=t.connectTimeoutMs / 1000.0,
                 read_timeout=min(first_byte, remaining) + 1.0,
@@ -308,83 +255,3 @@ class Dispatcher:
         # The headers are in: from here on, silence means a stalled stream, not a cold load.
         resp.set_read_timeout(t.streamIdleTimeoutMs / 1000.0)
         return resp
-
-
-class StreamRelay:
-    """Relays a node's stream line by line and cleans up exactly once."""
-
-    def __init__(self, pipeline: Pipeline, ticket: Ticket, node: Node,
-                 resp: UpstreamResponse) -> None:
-        self.p = pipeline
-        self.ticket = ticket
-        self.node = node
-        self.resp = resp
-        self.outcome = str(resp.status_code)
-        self.ndjson = "ndjson" in resp.headers.get("Content-Type", "")
-        self.last_line = b""
-        self.complete = False  # the node's stream was read to its end
-        self.closed = False
-        self.cut_reason: str | None = None  # set by cut(): why the appliance ended the stream
-        pipeline.streams.add(self)
-
-    def lines(self) -> Iterator[bytes]:
-        try:
-            for piece in whole_lines(self.resp.iter_content()):
-                self.last_line = piece
-                if self.ndjson and not (piece.startswith(b"{") and piece.endswith(b"}\n")):
-                    reason = f"node {self.node.id}: malformed line in the stream"
-                    self.node.record_failure(reason, live=True)
-                    self.outcome = "STREAM_BROKEN"
-                    self.complete = True
-                    yield self.error_line(reason)
-                    return
-                if piece.startswith(b'{"error"'):
-                    self.node.record_failure(f"node {self.node.id}: error in stream",
-                                             live=True)
-                    self.outcome = "STREAM_ERROR"
-                yield piece
-            self.complete = True
-        except TRANSPORT_ERRORS as exc:
-            self.complete = True
-            if self.cut_reason is not None:  # the appliance ended it: not the node's fault
-                self.outcome = "CUT"
-                yield self.error_line(self.cut_reason)
-                return
-            reason = f"node {self.node.id}: {describe(exc)} during the stream"
-            self.node.record_failure(reason, live=True)
-            self.outcome = "STREAM_BROKEN"
-            yield self.error_line(reason)
-
-    def cut(self, reason: str) -> None:
-        """End the stream from outside (shutdown): the reader gets one error line, then EOF.
-
-        Closing the upstream connection wakes the greenlet blocked reading it with an error,
-        which ``lines()`` turns into the error line.
-        """
-        if self.closed or self.complete:
-            return
-        self.cut_reason = reason
-        self.resp.raw.close()
-
-    def error_line(self, message: str) -> bytes:
-        """One final error line: native ``{"error"}`` or an OpenAI SSE error frame."""
-        ep = self.ticket.endpoint
-        if ep is not None and ep.openai:
-            frame = {"error": {"message": message, "type": "api_error", "param": None,
-                               "code": None}}
-            return b"data: " + json.dumps(frame).encode() + b"\n\n"
-        return json.dumps({"error": message}).encode() + b"\n"
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.p.streams.discard(self)
-        if not self.complete:
-            self.outcome = "CANCELLED"  # the caller stopped reading: the node call is cut
-        try:
-            self.resp.close()
-        finally:
-            self.p.registry.release(self.node)
-            self.p.observe_body(self.ticket, self.last_line)
-            self.p.finish(self.ticket, self.outcome)

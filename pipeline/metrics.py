@@ -10,17 +10,14 @@ a model no node is known to have is reported as ``other``, so junk names create 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from pipeline.breaker import STATE_VALUE
-from pipeline.node import HEALTH_VALUE
-
-if TYPE_CHECKING:
-    from pipeline.pipeline import Pipeline
+from pipeline.node import HEALTH_VALUE, Node
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
@@ -43,16 +40,15 @@ class _Bound:
 
 
 class PoolCollector(Collector):
-    """Gauges read from the pipeline's live state at scrape time."""
+    """Gauges read at scrape time from the pipeline's stats and the nodes' live state."""
 
-    def __init__(self, prefix: str, pipeline: Callable[[], Pipeline | None]) -> None:
+    def __init__(self, prefix: str, stats: Callable[[], dict[str, Any]],
+                 nodes: Callable[[], list[Node]]) -> None:
         self.prefix = prefix
-        self._pipeline = pipeline
+        self._stats = stats
+        self._nodes = nodes
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        p = self._pipeline()
-        if p is None:
-            return
         pre = self.prefix
         gauges = {
             "node_inflight": ("Requests in flight on the node", lambda n: n.in_flight),
@@ -63,13 +59,13 @@ class PoolCollector(Collector):
             "node_enabled": ("1 if the node takes new requests", lambda n: float(
                 n.enabled and not n.draining)),
         }
-        nodes = p.registry.all_nodes() + p.registry.removed_nodes()
+        nodes = self._nodes()
         for name, (doc, read) in gauges.items():
             fam = GaugeMetricFamily(f"{pre}_{name}", doc, labels=["node"])
             for node in nodes:
                 fam.add_metric([node.id], float(read(node)))
             yield fam
-        stats = p.stats()
+        stats = self._stats()
         for name, doc, value in (
             ("ringbuffer_remaining", "Free ring slots", stats["ringBufferRemaining"]),
             ("global_inflight", "Requests admitted and not finished", stats["globalInFlight"]),
@@ -115,10 +111,11 @@ class MetricsRegistry:
                                          ["outcome"], registry=r))
         self._pool: PoolCollector | None = None
 
-    def bind(self, pipeline: Pipeline) -> None:
-        """Expose the pipeline's live gauges."""
+    def bind(self, stats: Callable[[], dict[str, Any]],
+             nodes: Callable[[], list[Node]]) -> None:
+        """Expose the pipeline's live gauges: its stats and every node, read at scrape time."""
         if self._pool is None:
-            self._pool = PoolCollector(self.prefix, lambda: pipeline)
+            self._pool = PoolCollector(self.prefix, stats, nodes)
             self.registry.register(self._pool)
 
     def retry(self, node_id: str) -> None:

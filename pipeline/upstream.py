@@ -21,10 +21,36 @@ from typing import Any
 
 from requests.adapters import HTTPAdapter
 from urllib3 import HTTPResponse
+from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.util import Timeout
 
 STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
+#: what a failed exchange with a node raises
+TRANSPORT_ERRORS = (Urllib3Error, OSError)
+
+
+class FirstByteTimeout(Exception):
+    """No response headers within the first-byte timeout."""
+
+
+def describe(exc: BaseException) -> str:
+    """A short, operator-readable reason for a transport failure."""
+    if isinstance(exc, FirstByteTimeout):
+        return "timed out waiting for the first byte"
+    if isinstance(exc, ConnectTimeoutError):
+        return "connect timed out"
+    if isinstance(exc, ReadTimeoutError | TimeoutError):
+        return "read timed out"
+    text = str(exc)
+    for marker, reason in (("Read timed out", "read timed out"),
+                           ("Connection refused", "connection refused"),
+                           ("reset by peer", "connection reset"),
+                           ("RemoteDisconnected", "connection closed before a response"),
+                           ("Connection aborted", "connection aborted")):
+        if marker in text:
+            return reason
+    return text[:200] or type(exc).__name__
 
 
 class UpstreamError(Urllib3Error):

@@ -9,9 +9,9 @@ import pytest
 
 from pipeline.breaker import CircuitBreaker, CircuitState
 from pipeline.config import parse_config
-from pipeline.dispatch import backoff_delay
 from pipeline.modelname import canonical
 from pipeline.node import Health, Node
+from pipeline.retry import backoff_delay
 from pipeline.strategy import ModelAware, RandomChoice, StrategyFactory
 
 M = canonical("llama3.2")

@@ -43,6 +43,7 @@ def make_factory(wait_strategy: str = "yielding", ring: int = 1024) -> PipelineF
         p.finish(ticket, "200")
         done_at[id(ticket)] = time.perf_counter()
 
+    p.scheduler.dispatch = no_op_dispatch
     p.dispatcher.start = no_op_dispatch  # type: ignore[method-assign]
     factory.done_at = done_at  # type: ignore[attr-defined]
     return factory
@@ -50,7 +51,7 @@ def make_factory(wait_strategy: str = "yielding", ring: int = 1024) -> PipelineF
 
 def handlers(factory: PipelineFactory) -> list[Callable[[Slot], None]]:
     p = factory.pipeline
-    return [p._validate, p._select, p._capacity, p._dispatch, p._metrics, p._complete]
+    return [handler for _, handler in p.admission.handlers()]
 
 
 def request() -> InferenceRequest:
