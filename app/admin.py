@@ -18,6 +18,7 @@ from flask import Blueprint, Response, current_app, request
 
 from app.errors import json_response
 from pipeline.factory import PipelineFactory
+from pipeline.operations import UnknownActionError, UnknownNodeError
 from pipeline.strategy import StrategyFactory
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
@@ -69,21 +70,14 @@ def nodes() -> Response:
 @bp.post("/nodes/<node_id>/<action>")
 @protected
 def node_action(node_id: str, action: str) -> Response:
-    f = factory()
-    node = f.node_registry.get(node_id)
-    if node is None:
-        return json_response({"error": f"no node {node_id!r}"}, 404)
-    if action == "enable":
-        node.enabled, node.draining = True, False
-    elif action == "disable":
-        node.enabled = False
-    elif action == "drain":
-        node.draining = True
-    else:
-        return json_response({"error": f"unknown action {action!r}; valid: enable, disable, "
-                              "drain"}, 400)
+    """enable, disable or drain: ``PoolOperations`` steers the node and wakes waiters."""
+    try:
+        node = factory().operations.act(action, node_id)
+    except UnknownNodeError as exc:
+        return json_response({"error": str(exc)}, 404)
+    except UnknownActionError as exc:
+        return json_response({"error": str(exc)}, 400)
     _audit(f"node.{action}", node=node_id)
-    f.pipeline.poke()
     return json_response(node.snapshot())
 
 

@@ -6,7 +6,6 @@ import io
 import json
 import logging
 import os
-import time
 
 import gevent
 import ollama
@@ -14,21 +13,14 @@ import pytest
 import requests
 import yaml
 from conftest import assert_no_leaks, lb_config
+from waiting import wait_until
 
 from app.logs import JsonFormatter
 from app.server import OllamaLoadBalancerApplication
 from app.web import create_app
 from pipeline import PipelineFactory
 from pipeline.config import parse_config
-
-
-def wait_until(predicate, timeout=5.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        gevent.sleep(step)
-    return predicate()
+from pipeline.operations import UnknownActionError, UnknownNodeError
 
 
 @pytest.fixture
@@ -230,6 +222,48 @@ def test_disable_enable_and_drain_steer_traffic(fake_node, appliance):
     assert a.stats.by_path["/api/generate"] == 4 and b.stats.by_path["/api/generate"] == 4
     assert requests.post(f"{lb.url}/admin/nodes/zz/enable", timeout=5).status_code == 404
     assert requests.post(f"{lb.url}/admin/nodes/n0/explode", timeout=5).status_code == 400
+
+
+# --- pool operations as a library -------------------------------------------------------------
+
+def test_pool_health_and_node_actions_work_without_http(fake_node):
+    cfg = parse_config(lb_config([fake_node(["m"]), fake_node(["m"])]))
+    with PipelineFactory(cfg).start(health_checks=False) as factory:
+        ops = factory.operations
+        assert ops.health()["status"] == "UP" and ops.ready()["servingNodes"] == ["n0", "n1"]
+        assert ops.drain("n1").draining is True
+        assert ops.health()["status"] == "DEGRADED"  # an enabled node cannot serve
+        assert ops.ready()["servingNodes"] == ["n0"]
+        assert ops.enable("n1").draining is False and ops.status() == "UP"
+        assert ops.disable("n0").enabled is False
+        assert ops.status() == "UP"  # a disabled node is not counted against the pool
+        assert [n["enabled"] for n in ops.health()["nodes"]] == [False, True]
+        ops.disable("n1")
+        assert ops.status() == "DOWN" and ops.ready()["status"] == "DOWN"
+        assert ops.live()["status"] == "UP"
+        with pytest.raises(UnknownNodeError, match="no node 'zz'"):
+            ops.act("explode", "zz")  # the node is checked first, as /admin answers 404
+        with pytest.raises(UnknownActionError, match="valid: enable, disable, drain"):
+            ops.act("explode", "n0")
+    assert ops.live()["status"] == "DOWN" and ops.status() == "DOWN"  # stopped
+
+
+def test_enabling_a_node_hands_it_the_queued_requests_at_once(fake_node, appliance):
+    slow, spare = fake_node(["m"], decode_tps=10, tokens=30), fake_node(["m"])  # ~3 s on n0
+    lb = appliance([slow, spare], strategy={"type": "round-robin"},
+                   healthCheck={"intervalMs": 600_000},  # no health round wakes the queue
+                   node_overrides={0: {"maxConcurrentRequests": 1},
+                                   1: {"maxConcurrentRequests": 1, "enabled": False}})
+    p, client = lb.factory.pipeline, ollama.Client(host=lb.url)
+    first = gevent.spawn(client.generate, model="m", prompt="long")
+    assert wait_until(lambda: lb.factory.node_registry.get("n0").in_flight == 1)
+    queued = gevent.spawn(client.generate, model="m", prompt="queued")
+    assert wait_until(lambda: p.stats()["queued"] == 1)
+    lb.factory.operations.enable("n1")  # no poke by the caller: the operation wakes waiters
+    assert wait_until(queued.ready, timeout=1.5), "the queued request waited for n0"
+    assert queued.get().done and not first.ready()
+    assert spare.stats.by_path["/api/generate"] == 1
+    assert first.get().done
 
 
 # --- health -----------------------------------------------------------------------------------
