@@ -14,8 +14,8 @@ from typing import Any
 import gevent
 
 from app.fakenode.sim import Loaded, Simulator, embedding_for
+from app.fakenode.sockets import reset
 from app.fakenode.wire import Call, HTTPError, ndjson_line, parse_keep_alive
-from app.netutil import abort as reset
 
 MODEL_FAILED = "an error was encountered while running the model"
 

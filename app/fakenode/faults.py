@@ -23,8 +23,8 @@ from typing import Any
 import gevent
 
 from app.fakenode.router import ROUTE_KEY, Route, WSGIApp
+from app.fakenode.sockets import reset
 from app.fakenode.wire import BUSY, StartResponse, json_reply
-from app.netutil import abort as reset
 
 FAULTS = ("none", "hang", "reset", "reset-mid-stream", "error-mid-stream", "stall-mid-stream",
           "500", "503", "malformed", "flap", "refuse")

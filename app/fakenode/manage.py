@@ -8,11 +8,11 @@ import re
 import time
 from typing import Any
 
+from app.fakenode import names
 from app.fakenode.engine import Engine
 from app.fakenode.router import Route, Router
 from app.fakenode.sim import Simulator
 from app.fakenode.wire import Call, HTTPError, Reply, empty, json_reply, read_body
-from pipeline.modelname import canonical, display
 
 _DIGEST = re.compile(r"sha256[:-][0-9a-f]{64}")
 
@@ -47,8 +47,8 @@ class ManageAPI:
         model = call.body.get("model") or call.body.get("name") or ""
         if not model:
             raise HTTPError(400, "invalid model name")
-        key = canonical(model)
-        self.sim.installed.setdefault(key, display(model))
+        key = names.key(model)
+        self.sim.installed.setdefault(key, names.short(model))
         self.sim.modified.setdefault(key, time.time())
         return self.progress(call, [{"status": "pulling manifest"},
                                     {"status": "verifying sha256 digest"},
@@ -56,7 +56,7 @@ class ManageAPI:
 
     def delete(self, call: Call) -> Reply:
         model = self.engine.model(call.body, missing_404=False, fallback_name=True)
-        self.sim.installed.pop(canonical(model), None)
+        self.sim.installed.pop(names.key(model), None)
         self.sim.unload(model)
         return empty(call.start_response)
 
@@ -66,8 +66,8 @@ class ManageAPI:
             raise HTTPError(404, f'model "{src}" not found')
         if not dst:
             raise HTTPError(400, "invalid model name")
-        self.sim.installed[canonical(dst)] = display(dst)
-        self.sim.modified[canonical(dst)] = time.time()
+        self.sim.installed[names.key(dst)] = names.short(dst)
+        self.sim.modified[names.key(dst)] = time.time()
         return empty(call.start_response)
 
     def create(self, call: Call) -> Reply:
@@ -77,8 +77,8 @@ class ManageAPI:
             raise HTTPError(400, "model is required")
         if source and not self.sim.has(str(source)):
             raise HTTPError(404, f"model '{source}' not found")
-        self.sim.installed[canonical(model)] = display(model)
-        self.sim.modified[canonical(model)] = time.time()
+        self.sim.installed[names.key(model)] = names.short(model)
+        self.sim.modified[names.key(model)] = time.time()
         return self.progress(call, [{"status": "using existing layer"},
                                     {"status": "writing manifest"}, {"status": "success"}])
 

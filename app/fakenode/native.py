@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from app.fakenode import names
 from app.fakenode.engine import Engine
 from app.fakenode.router import Route, Router
 from app.fakenode.sim import Loaded, Simulator, embedding_for
@@ -29,14 +30,13 @@ from app.fakenode.wire import (
     raw,
     text,
 )
-from pipeline.modelname import canonical, display
 
 Chunk = Callable[[str], dict[str, Any]]
 Final = Callable[[str, float, int], dict[str, Any]]
 
 
 def details(model: str) -> dict[str, Any]:
-    family = display(model).split(":")[0].split("/")[-1]
+    family = names.short(model).split(":")[0].split("/")[-1]
     return {"parent_model": "", "format": "gguf", "family": family, "families": [family],
             "parameter_size": "3.2B", "quantization_level": "Q4_K_M"}
 
@@ -96,13 +96,13 @@ class NativeAPI:
         model = self.engine.model(call.body, missing_404=False, fallback_name=True)
         caps = ["embedding"] if self.sim.is_embedding(model) else ["completion"]
         return json_reply(call.start_response, 200, {
-            "license": "", "modelfile": f"FROM {display(model)}\n",
+            "license": "", "modelfile": f"FROM {names.short(model)}\n",
             "parameters": "stop \"<|eot_id|>\"", "template": "{{ .Prompt }}",
             "details": details(model),
             "model_info": {"general.architecture": "llama", "general.parameter_count": 3212749888,
                            "llama.context_length": 131072},
             "capabilities": caps,
-            "modified_at": local_time(self.sim.modified[canonical(model)])})
+            "modified_at": local_time(self.sim.modified[names.key(model)])})
 
     # --- generation -----------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from app.fakenode import names
 from app.fakenode.engine import Engine
 from app.fakenode.router import Route, Router
 from app.fakenode.sim import Simulator
@@ -24,7 +25,6 @@ from app.fakenode.wire import (
     openai_error,
     sse_data,
 )
-from pipeline.modelname import canonical, namespace
 
 
 def content_text(content: Any) -> str:
@@ -146,7 +146,7 @@ class OpenAIAPI:
 
     def models(self, call: Call) -> Reply:
         data = [{"id": name, "object": "model", "created": int(self.sim.modified[k]),
-                 "owned_by": namespace(name)} for k, name in self.sim.installed.items()]
+                 "owned_by": names.namespace_of(name)} for k, name in self.sim.installed.items()]
         return json_reply(call.start_response, 200, {"object": "list", "data": data})
 
     def model(self, call: Call) -> Reply:
@@ -155,5 +155,5 @@ class OpenAIAPI:
             return json_reply(call.start_response, 404,
                               openai_error(404, f"model '{name}' not found"))
         return json_reply(call.start_response, 200, {
-            "id": name, "object": "model", "created": int(self.sim.modified[canonical(name)]),
-            "owned_by": namespace(name)})
+            "id": name, "object": "model", "created": int(self.sim.modified[names.key(name)]),
+            "owned_by": names.namespace_of(name)})

@@ -8,8 +8,8 @@ from typing import Any
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from app.fakenode.sim import Profile, make_profile
+from app.fakenode.sockets import listen, reset
 from app.fakenode.wsgi import FakeNode
-from app.netutil import abort, make_listener
 
 
 class _Handler(WSGIHandler):
@@ -54,7 +54,7 @@ class FakeNodeServer:
         return self.node.stats
 
     def start(self) -> FakeNodeServer:
-        listener = make_listener(self.host, self.port, backlog=1024)
+        listener = listen(self.host, self.port, backlog=1024)
         self.port = listener.getsockname()[1]
         self._server = WSGIServer(listener, self.node, handler_class=_Handler, log=None,
                                   error_log=None)
@@ -68,7 +68,7 @@ class FakeNodeServer:
             server, self._server = self._server, None
             server.close()
             for sock in list(server.live_sockets):  # type: ignore[attr-defined]
-                abort(sock)
+                reset(sock)
             server.stop(timeout=0.5)
 
     def resume(self) -> None:

@@ -21,7 +21,7 @@ import gevent
 from gevent.event import Event
 from gevent.lock import BoundedSemaphore, Semaphore
 
-from pipeline.modelname import canonical, display
+from app.fakenode import names
 
 WORDS = ("the", "sky", "is", "blue", "because", "of", "rayleigh", "scattering", "light",
          "from", "sun", "hits", "air", "molecules", "and", "shorter", "waves", "spread",
@@ -122,7 +122,7 @@ class Simulator:
 
     def __init__(self, models: list[str], profile: Profile) -> None:
         self.profile = profile
-        self.installed: dict[str, str] = {canonical(m): display(m) for m in models}
+        self.installed: dict[str, str] = {names.key(m): names.short(m) for m in models}
         self.loaded: dict[str, Loaded] = {}
         self._load_lock = Semaphore(1)  # the scheduler loads one model at a time
         self._scheduling = 0  # requests waiting for a load (bounded by max_queue)
@@ -130,10 +130,10 @@ class Simulator:
         self.modified = {c: time.time() - i * 3600 for i, c in enumerate(self.installed)}
 
     def has(self, model: str) -> bool:
-        return canonical(model) in self.installed
+        return names.key(model) in self.installed
 
     def is_embedding(self, model: str) -> bool:
-        name = canonical(model)
+        name = names.key(model)
         return "embed" in name or "minilm" in name
 
     # --- scheduling ---------------------------------------------------------------------------
@@ -146,7 +146,7 @@ class Simulator:
 
     def ensure_loaded(self, model: str, keep_alive_s: float | None) -> tuple[Loaded, float]:
         """Load if needed; returns the runner and the seconds spent loading."""
-        key = canonical(model)
+        key = names.key(model)
         self.expire()
         runner = self.loaded.get(key)
         if runner is not None:
@@ -197,7 +197,7 @@ class Simulator:
                 gevent.sleep(0.01)
 
     def unload(self, model: str) -> None:
-        self.loaded.pop(canonical(model), None)
+        self.loaded.pop(names.key(model), None)
 
     def begin(self, runner: Loaded) -> None:
         runner.slots.acquire()
