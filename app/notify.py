@@ -1,16 +1,23 @@
 """systemd's notify protocol over $NOTIFY_SOCKET, without a library (one datagram per state).
 
 READY=1 when serving, RELOADING=1 / READY=1 around a reload, STOPPING=1 on shutdown, and
-WATCHDOG=1 from a greenlet: if the hub stalls, the pings stop and systemd restarts us.
+WATCHDOG=1 from a greenlet, but only while the process is healthy. Two ways to be unhealthy
+end in the same place, a restart by systemd: the hub stalls (the greenlet cannot run, so the
+pings stop by themselves), or a pipeline stage crashed (the hub runs and /health/live answers
+503, but nothing would ever be served again: the pinger withholds the pings on purpose).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 
 import gevent
+
+log = logging.getLogger("ollama_lb.notify")
 
 
 def send(state: str) -> bool:
@@ -41,14 +48,29 @@ def watchdog_interval() -> float | None:
     return int(usec) / 2e6
 
 
-def start_watchdog() -> gevent.Greenlet | None:
+def start_watchdog(unhealthy: Callable[[], str | None] = lambda: None
+                   ) -> gevent.Greenlet | None:
+    """Ping every half WATCHDOG_USEC while ``unhealthy()`` is None; None if not asked to.
+
+    When it turns unhealthy the pings stop, once logged and shown in ``systemctl status``;
+    systemd then kills and restarts the process when WatchdogSec runs out.
+    """
     interval = watchdog_interval()
     if interval is None:
         return None
 
     def ping() -> None:
+        withheld = False
         while True:
-            send("WATCHDOG=1")
+            reason = unhealthy()
+            if reason is None:
+                send("WATCHDOG=1")
+                withheld = False
+            elif not withheld:
+                withheld = True
+                send(f"STATUS=unhealthy, watchdog pings withheld: {reason}")
+                log.critical("unhealthy: watchdog pings withheld, systemd will restart us",
+                             extra={"event": "watchdog_withheld", "reason": reason})
             gevent.sleep(interval)
 
     return gevent.spawn(ping)

@@ -1,0 +1,165 @@
+"""The client side of the server: write and keep-alive timeouts, socket options, the watchdog.
+
+Raw sockets where a real client would hide what matters (a client that never reads, an idle
+kept-alive connection); every wait is a bounded loop on an observable state.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import gevent
+import pytest
+import requests
+
+from app.netutil import make_listener
+from app.server import ClientHandler
+
+
+def wait_until(predicate, timeout: float, step: float = 0.01) -> float:
+    """Seconds until ``predicate()`` held; AssertionError after ``timeout``."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"not true within {timeout} s")
+        gevent.sleep(step)
+    return time.monotonic() - start
+
+
+def http_request(method: str, path: str, body: dict | None = None) -> bytes:
+    data = json.dumps(body).encode() if body is not None else b""
+    head = f"{method} {path} HTTP/1.1\r\nHost: lb\r\nContent-Length: {len(data)}\r\n"
+    if body is not None:
+        head += "Content-Type: application/json\r\n"
+    return head.encode() + b"\r\n" + data
+
+
+def read_response(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One Content-Length response from a raw socket: (head, body)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        assert chunk, f"EOF before the response head: {buf!r}"
+        buf += chunk
+    head, body = buf.split(b"\r\n\r\n", 1)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "EOF in the response body"
+        body += chunk
+    return head, body
+
+
+def test_client_that_stops_reading_is_cut_after_write_timeout_and_frees_the_node_slot(
+        fake_node, appliance):
+    node = fake_node(["m"], tokens=200_000)  # "fast": every token at once, a flood
+    lb = appliance([node], server={"writeTimeoutMs": 300})
+    n0 = lb.factory.node_registry.get("n0")
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never reads
+    try:
+        client.connect(("127.0.0.1", lb.port))
+        client.sendall(http_request("POST", "/api/generate", {"model": "m", "prompt": "x"}))
+        wait_until(lambda: n0.in_flight == 1 and node.stats.streams_open == 1, 5)
+        # the buffers fill, then nothing moves for writeTimeoutMs: the appliance gives up
+        took = wait_until(lambda: n0.in_flight == 0, 0.3 + 5)
+        wait_until(lambda: node.stats.disconnects == 1 and node.stats.streams_open == 0, 5)
+        assert took >= 0.3
+        assert lb.factory.pipeline.in_flight == 0
+    finally:
+        client.close()
+
+
+def handler_on_socketpair(timeout: float) -> tuple[ClientHandler, socket.socket]:
+    """A ClientHandler writing into a unix socketpair with small, fixed buffers."""
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+    ours.settimeout(timeout)
+    handler = ClientHandler(ours, "", None)
+    handler.code = 200
+    return handler, theirs
+
+
+def test_write_timeout_bounds_each_wait_for_progress_not_a_whole_large_reply():
+    """A big reply to a client that reads slowly but steadily is not cut; one that stops is."""
+    handler, client = handler_on_socketpair(timeout=0.3)
+    received = []
+
+    def read_slowly(total: int) -> None:
+        got = 0
+        while got < total:
+            chunk = client.recv(16384)  # ~1.6 MB/s: the 2 MB reply takes over a second
+            if not chunk:
+                return
+            got += len(chunk)
+            gevent.sleep(0.01)
+        received.append(got)
+
+    try:
+        reader = gevent.spawn(read_slowly, 2_000_000)
+        start = time.monotonic()
+        handler._sendall(b"x" * 2_000_000)
+        took = time.monotonic() - start
+        reader.join(timeout=10)
+        assert received == [2_000_000] and took > 0.3  # longer than the timeout in all
+        assert handler.response_length == 2_000_000
+        reader.kill()
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):  # now nobody reads: cut after one timeout
+            handler._sendall(b"x" * 2_000_000)
+        assert 0.3 <= time.monotonic() - start < 3
+    finally:
+        handler.socket.close()
+        client.close()
+
+
+def test_idle_keepalive_connection_is_closed_after_keepalive_timeout(fake_node, appliance):
+    lb = appliance([fake_node(["m"])], server={"keepAliveTimeoutMs": 400})
+    client = socket.create_connection(("127.0.0.1", lb.port), timeout=10)
+    try:
+        for _ in range(2):  # kept alive between requests
+            client.sendall(http_request("GET", "/api/version"))
+            head, body = read_response(client)
+            assert head.startswith(b"HTTP/1.1 200") and json.loads(body)["version"]
+        start = time.monotonic()
+        assert client.recv(1) == b""  # EOF from the appliance, not our timeout
+        idle = time.monotonic() - start
+        assert 0.3 <= idle < 5
+    finally:
+        client.close()
+
+
+def test_accepted_sockets_have_keepalive_and_nodelay(fake_node, appliance):
+    lb = appliance([fake_node(["m"])])
+    seen: list[tuple[int, int]] = []
+
+    class Recording(ClientHandler):
+        def read_requestline(self) -> str:
+            seen.append((self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                         self.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
+            return super().read_requestline()
+
+    lb.server.handler_class = Recording
+    assert requests.get(f"{lb.url}/api/version", timeout=5).ok
+    assert seen and all(keepalive and nodelay for keepalive, nodelay in seen)
+    listener = lb.server.socket
+    assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+    assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_listener_options_are_inherited_by_accepted_sockets():
+    """Why the socket unit's KeepAlive=/NoDelay= reach every client connection."""
+    listener = make_listener("127.0.0.1", 0)
+    client = socket.create_connection(listener.getsockname(), timeout=5)
+    try:
+        accepted, _ = listener.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        client.close()
+        listener.close()
