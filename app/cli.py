@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     fake.add_argument("--keep-alive-seconds", type=float, help="OLLAMA_KEEP_ALIVE")
     fake.add_argument("--fail", default="none", help="fault mode: hang, reset, "
                       "reset-mid-stream, error-mid-stream, 500, 503, malformed, flap, refuse")
+    fake.add_argument("--fault-api", action="store_true",
+                      help="serve the /_fake/stats and /_fake/fault control routes (off: 404)")
     demo = sub.add_parser("demo", help="the appliance in front of three simulated nodes")
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--profile", choices=("realistic", "fast"), default="realistic")
@@ -58,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from app.fakenode.server import serve_forever
 
         serve_forever([m for m in args.models.split(",") if m], args.port, args.host,
-                      args.profile, args.fail, num_parallel=args.num_parallel,
+                      args.profile, args.fail, fault_api=args.fault_api,
+                      num_parallel=args.num_parallel,
                       decode_tps=args.tokens_per_second, load_s=args.load_seconds,
                       max_loaded=args.max_loaded_models, max_queue=args.max_queue,
                       tokens=args.tokens, prefill_tps=args.prefill_tps,

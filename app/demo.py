@@ -19,7 +19,8 @@ def run_demo(port: int = 8080, profile: str = "realistic") -> int:
     for _, models in NODES:
         prof = make_profile(profile, num_parallel=2, load_s=1.5 if profile == "realistic"
                             else None, decode_tps=25 if profile == "realistic" else None)
-        fakes.append(FakeNodeServer(models, prof).start())
+        # no fault_api: the demo's nodes have no /_fake/* control routes, like real Ollama
+        fakes.append(FakeNodeServer(models, prof, fault_api=False).start())
     config = parse_config({
         "server": {"host": "127.0.0.1", "port": port, "drainSeconds": 2},
         "nodes": [{"id": nid, "url": f.url, "maxConcurrentRequests": 2}

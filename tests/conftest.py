@@ -73,8 +73,9 @@ def fake_node() -> Iterator[Callable[..., FakeNodeServer]]:
     started: list[FakeNodeServer] = []
 
     def make(models: list[str], profile: str = "fast", fault: str = "none",
-             **overrides: Any) -> FakeNodeServer:
-        server = FakeNodeServer(models, make_profile(profile, **overrides), fault=fault)
+             fault_api: bool = False, **overrides: Any) -> FakeNodeServer:
+        server = FakeNodeServer(models, make_profile(profile, **overrides), fault=fault,
+                                fault_api=fault_api)
         started.append(server.start())
         return server
 

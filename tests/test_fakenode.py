@@ -7,9 +7,13 @@ from the appliance (no shared code) and follow the reference's shapes itself.
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import requests
 
 from app.fakenode import names
 
@@ -71,3 +75,68 @@ def test_model_names_follow_the_references_rules(given, short, owner):
                                  "-dash", "dotted.ns/model", "x" * 81])
 def test_invalid_model_names_are_rejected(bad):
     assert not names.is_valid(bad)
+
+
+# --- the HTTP control routes are off unless asked for --------------------------------------------
+
+GEN = {"model": "m", "prompt": "hi", "stream": False}
+
+
+def test_control_routes_answer_404_unless_the_fault_api_is_on(fake_node):
+    node = fake_node(["m"])
+    r = requests.post(f"{node.url}/_fake/fault", json={"mode": "500"}, timeout=5)
+    assert (r.status_code, r.text) == (404, "404 page not found")
+    assert r.headers["Content-Type"].startswith("text/plain")
+    assert requests.get(f"{node.url}/_fake/stats", timeout=5).status_code == 404
+    assert node.node.fault == "none"  # the request changed nothing
+    assert requests.post(f"{node.url}/api/generate", json=GEN, timeout=5).status_code == 200
+
+
+def test_the_fault_api_sets_a_counted_fault_over_http(fake_node):
+    node = fake_node(["m"], fault_api=True)
+    r = requests.post(f"{node.url}/_fake/fault", json={"mode": "500", "count": 1}, timeout=5)
+    assert (r.status_code, r.json()) == (200, {"fault": "500"})
+    first = requests.post(f"{node.url}/api/generate", json=GEN, timeout=5)
+    assert first.status_code == 500 and "runner" in first.json()["error"]
+    assert requests.post(f"{node.url}/api/generate", json=GEN, timeout=5).status_code == 200
+    stats = requests.get(f"{node.url}/_fake/stats", timeout=5).json()
+    assert stats["by_path"]["/api/generate"] == 2 and stats["fault"] == "500"
+    bad = requests.post(f"{node.url}/_fake/fault", json={"mode": "melt"}, timeout=5)
+    assert bad.status_code == 400 and "unknown fault" in bad.json()["error"]
+
+
+def test_in_process_set_fault_works_without_the_fault_api(fake_node):
+    node = fake_node(["m"])
+    node.node.set_fault("503", count=1)
+    busy = requests.post(f"{node.url}/api/generate", json=GEN, timeout=5)
+    assert busy.status_code == 503 and busy.json()["error"].startswith("server busy")
+    assert requests.post(f"{node.url}/api/generate", json=GEN, timeout=5).status_code == 200
+    with pytest.raises(ValueError, match="unknown fault"):
+        node.node.set_fault("melt")
+
+
+def _start_command(*extra: str) -> tuple[subprocess.Popen[str], str]:
+    """``ollama-lb fake-node`` on port 0; returns the process and the URL it printed."""
+    p = subprocess.Popen([sys.executable, "-m", "app", "fake-node", "--port", "0", "--models",
+                          "tiny", "--profile", "fast", *extra], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)
+    line = p.stdout.readline() if p.stdout else ""
+    match = re.search(r"http://127\.0\.0\.1:\d+", line)
+    if match is None:
+        p.kill()
+        p.wait(timeout=10)
+        pytest.fail(f"fake-node printed no URL: {line!r}")
+    return p, match.group(0)
+
+
+@pytest.mark.parametrize(("flag", "status"), [((), 404), (("--fault-api",), 200)])
+def test_fake_node_command_serves_the_control_routes_only_with_fault_api(flag, status):
+    p, url = _start_command(*flag)
+    try:
+        r = requests.post(f"{url}/_fake/fault", json={"mode": "503", "count": 1}, timeout=5)
+        assert r.status_code == status
+        gen = requests.post(f"{url}/api/generate", json={**GEN, "model": "tiny"}, timeout=5)
+        assert gen.status_code == (503 if status == 200 else 200)
+    finally:
+        p.terminate()
+        p.wait(timeout=10)

@@ -86,19 +86,22 @@ class FakeNodeServer:
 
 
 def serve_forever(models: list[str], port: int, host: str = "127.0.0.1",
-                  profile: str = "realistic", fault: str = "none", **overrides: Any) -> None:
-    """The ``ollama-lb fake-node`` command."""
+                  profile: str = "realistic", fault: str = "none", fault_api: bool = False,
+                  **overrides: Any) -> None:
+    """The ``ollama-lb fake-node`` command (``--fault-api`` turns on the /_fake/* routes)."""
     import gevent
 
     prof = make_profile(profile, **overrides)
-    server = FakeNodeServer(models, prof, host=host, port=port, fault=fault)
+    server = FakeNodeServer(models, prof, host=host, port=port, fault=fault,
+                            fault_api=fault_api)
     if fault == "refuse":
         print(f"fake node on {host}:{port} refusing connections (--fail refuse)", flush=True)
         gevent.wait()
         return
     server.start()
-    print(f"fake Ollama node on {server.url} models={','.join(models)} profile={profile}",
-          flush=True)
+    control = " fault-api=on" if fault_api else ""
+    print(f"fake Ollama node on {server.url} models={','.join(models)} profile={profile}"
+          f"{control}", flush=True)
     try:
         gevent.wait()
     except KeyboardInterrupt:

@@ -25,10 +25,16 @@ __all__ = ["FAULTS", "FakeNode"]
 
 
 class FakeNode:
-    """The node: a simulator, a fault switch, and the Ollama APIs on top."""
+    """The node: a simulator, a fault switch, and the Ollama APIs on top.
+
+    ``fault_api=True`` adds the HTTP control routes (``/_fake/stats``, ``/_fake/fault``);
+    without it they answer 404 like any path Ollama does not serve, and faults are set only
+    in-process with ``set_fault``.
+    """
 
     def __init__(self, models: Iterable[str], profile: Profile, version: str = "0.12.6",
-                 fault: str = "none", flap_period: float = 2.0) -> None:
+                 fault: str = "none", flap_period: float = 2.0, fault_api: bool = False
+                 ) -> None:
         self.sim = Simulator(list(models), profile)
         self.version = version
         self.faults = FaultSwitch(fault, flap_period)
@@ -38,7 +44,9 @@ class FakeNode:
         OpenAIAPI(engine).register(self.router)
         self.manage = ManageAPI(engine)
         self.manage.register(self.router)
-        ControlAPI(self.sim, self.faults).register(self.router)
+        self.fault_api = fault_api
+        if fault_api:  # off by default: a real Ollama has no /_fake/* routes
+            ControlAPI(self.sim, self.faults).register(self.router)
         self._app = Routing(self.router, FaultLayer(self.faults, Dispatch(self._record_body)))
 
     # --- what tests read and set ----------------------------------------------------------------
