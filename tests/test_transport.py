@@ -163,3 +163,44 @@ def test_listener_options_are_inherited_by_accepted_sockets():
     finally:
         client.close()
         listener.close()
+
+
+def test_crashed_stage_stops_the_watchdog_pings_and_live_answers_503(
+        fake_node, appliance, tmp_path, monkeypatch, greenlet_errors):
+    """systemd restarts a process whose pings stop: they must stop when a stage is dead."""
+    notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify_sock.bind(str(tmp_path / "notify"))
+    notify_sock.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")  # a ping every 50 ms
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    try:
+        lb = appliance([fake_node(["m"])], check_leaks=False)  # a stage is dead on purpose
+        pings, deadline = 0, time.monotonic() + 5
+        while pings < 3 and time.monotonic() < deadline:  # fed while healthy
+            pings += notify_sock.recv(4096).split(b"\n").count(b"WATCHDOG=1")
+        assert pings >= 3
+        assert requests.get(f"{lb.url}/health/live", timeout=5).status_code == 200
+
+        stage = lb.factory.pipeline.stages[2]
+        stage.greenlet.kill(RuntimeError("injected stage crash"))
+        wait_until(lambda: lb.factory.pipeline.crashed is not None, 5)
+        assert [e[2].args for e in greenlet_errors] == [("injected stage crash",)]
+        greenlet_errors.clear()  # the crash was the point of this test
+
+        status, deadline = b"", time.monotonic() + 5
+        while b"STATUS=unhealthy" not in status:  # the pinger noticed and said why
+            assert time.monotonic() < deadline, "the watchdog was still fed"
+            status = notify_sock.recv(4096)
+        assert b"watchdog pings withheld" in status and stage.name.encode() in status
+        notify_sock.settimeout(0.5)  # ten ping intervals: none may come
+        try:
+            late = notify_sock.recv(4096)
+        except TimeoutError:
+            late = b""
+        assert b"WATCHDOG=1" not in late
+        live = requests.get(f"{lb.url}/health/live", timeout=5)
+        assert live.status_code == 503 and live.json()["status"] == "DOWN"
+        assert lb.factory.pipeline.in_flight == 0
+    finally:
+        notify_sock.close()
