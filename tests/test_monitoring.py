@@ -13,6 +13,8 @@ import pytest
 import requests
 import yaml
 
+from pipeline.metrics import RELOAD_RESULTS
+
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "monitoring"
 NAME = re.compile(r"\bollama_lb_[a-z_]+")
 SUFFIXES = ("_bucket", "_count", "_sum", "_total", "_created")
@@ -59,7 +61,6 @@ def test_every_series_in_rules_and_dashboard_is_exported(fake_node, appliance):
     requests.post(f"{lb.url}/api/generate", json={"model": "nope"}, timeout=5)  # an error
     node.node.set_fault("503", count=1)
     client.generate(model="m", prompt="retried")  # a retry (one node: same node again)
-    lb.reload_state.factory.metrics_registry.reloads("invalid").inc(0)
     live = exported(requests.get(f"{lb.url}/metrics", timeout=5).text)
     missing = set()
     for expr in expressions():
@@ -68,3 +69,13 @@ def test_every_series_in_rules_and_dashboard_is_exported(fake_node, appliance):
                     name.endswith(s) and name in live for s in SUFFIXES):
                 missing.add(name)
     assert not missing, f"not exported: {sorted(missing)}"
+
+
+def test_reload_results_are_exported_at_zero_before_any_reload(fake_node, appliance):
+    """``increase()`` needs a sample before the first rejection, or the alert never fires."""
+    lb = appliance([fake_node(["m"])])
+    scrape = requests.get(f"{lb.url}/metrics", timeout=5).text
+    for result in RELOAD_RESULTS:
+        assert f'ollama_lb_config_reloads_total{{result="{result}"}} 0.0' in scrape
+    alerted = {m for e in expressions() for m in re.findall(r'reloads_total\{result="(\w+)"', e)}
+    assert alerted and alerted <= set(RELOAD_RESULTS)
