@@ -70,6 +70,18 @@ class Engine:
                   "prompt_eval_count": n_prompt, "prompt_eval_duration": int(prefill_s * 1e9)}
         return runner, timing, n
 
+    def reply_length(self, limit: Any) -> tuple[int, bool]:
+        """Tokens a reply gets under a client's token limit, and whether the limit cut it.
+
+        The model's own reply is ``profile.tokens`` long; a smaller limit truncates it. Used
+        where the limit is mandatory or large (Anthropic's ``max_tokens``), so that a client
+        asking for up to 1024 tokens gets a natural-length answer, as from a real model.
+        """
+        natural = self.sim.profile.tokens
+        if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit <= natural:
+            return limit, True
+        return natural, False
+
     def enter(self) -> None:
         s = self.sim.stats
         s.active += 1
@@ -110,14 +122,15 @@ class Engine:
             self.leave(runner)
 
     def stream(self, call: Call, ctype: str, lines: Iterator[bytes], runner: Loaded,
-               error_frame: Callable[[str], bytes] = native_error_line) -> Iterator[bytes]:
+               error_frame: Callable[[str], bytes] = native_error_line,
+               headers: list[tuple[str, str]] | None = None) -> Iterator[bytes]:
         """Send frames as they are made; count disconnects; always give the slot back.
 
         ``error_frame`` renders a mid-stream failure in the API's stream format (b"" sends
         nothing: the stream just ends, as Ollama's translated streams do).
         """
         stats = self.sim.stats
-        call.start_response("200 OK", [("Content-Type", ctype)])
+        call.start_response("200 OK", [("Content-Type", ctype), *(headers or [])])
         stats.streams_open += 1
         finished = False
         try:

@@ -11,12 +11,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from app.fakenode.anthropic_api import MessagesAPI
 from app.fakenode.control import ControlAPI
 from app.fakenode.engine import Engine
 from app.fakenode.faults import FAULTS, FaultLayer, FaultSwitch
 from app.fakenode.manage import ManageAPI
 from app.fakenode.native import NativeAPI
 from app.fakenode.openai_api import OpenAIAPI
+from app.fakenode.responses import ResponsesAPI
 from app.fakenode.router import Dispatch, Router, Routing
 from app.fakenode.sim import Profile, Simulator, Stats
 from app.fakenode.wire import StartResponse
@@ -42,6 +44,8 @@ class FakeNode:
         engine = Engine(self.sim)
         NativeAPI(engine, lambda: self.version).register(self.router)
         OpenAIAPI(engine).register(self.router)
+        ResponsesAPI(engine).register(self.router)
+        MessagesAPI(engine).register(self.router)
         self.manage = ManageAPI(engine)
         self.manage.register(self.router)
         self.fault_api = fault_api
