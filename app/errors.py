@@ -24,6 +24,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.UPSTREAM: 502,
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.SHUTTING_DOWN: 503,
+    ErrorCode.CANCELLED: 499,  # nginx's "client closed request": nobody reads it
     ErrorCode.INTERNAL: 500,
 }
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 from flask import Blueprint, Response, current_app, request
 
+from app.clientwatch import watching
 from app.errors import error_response, json_response, openai_error, plain
 from pipeline.errors import ErrorCode, PipelineError
 from pipeline.factory import PipelineFactory
@@ -54,7 +55,9 @@ def _submit(path: str, body: bytes, method: str = "POST", model: str | None = No
                            request_id=rid, client=request.remote_addr or "",
                            correlation_id=request.headers.get("X-Correlation-ID"))
     try:
-        result = factory().pipeline.submit(req).result()
+        ticket = factory().pipeline.submit(req)
+        with watching(request.environ.get("ollama_lb.socket"), ticket):
+            result = ticket.result()
     except PipelineError as err:
         resp = error_response(err, path)
         resp.headers["X-Request-ID"] = rid

@@ -57,10 +57,10 @@ class Admission:
         log.exception("stage %s failed on a request", stage, exc_info=exc)
         if slot.error is None:
             slot.error = PipelineError(ErrorCode.INTERNAL, f"internal error in {stage}: {exc}")
-        if slot.node is not None and not slot.queued and stage in ("capacity", "dispatch"):
-            # a slot taken in this stage must not leak; dispatch never started
-            self.registry.release(slot.node)
-            slot.node = None
+        if slot.lease is not None and not slot.queued and stage in ("capacity", "dispatch"):
+            # a lease taken in this stage must not leak; dispatch never started
+            self.registry.release(slot.lease)
+            slot.lease = None
 
     def validate(self, slot: Slot) -> None:
         if slot.error is not None:
@@ -128,13 +128,16 @@ class Admission:
     def capacity(self, slot: Slot) -> None:
         if slot.error is not None or slot.fanout:
             return
-        node = slot.node
-        if node is not None and node.try_acquire():
-            return
-        slot.node = self.router.acquire(slot.model)
-        if slot.node is not None:
-            return
         assert slot.ticket is not None
+        if slot.ticket.done():  # the caller left while the request was in the ring
+            slot.error = PipelineError(ErrorCode.CANCELLED, "the caller went away")
+            return
+        node = slot.node
+        slot.lease = node.try_acquire() if node is not None else None
+        if slot.lease is None:
+            slot.lease = self.router.acquire(slot.model)
+        if slot.lease is not None:
+            return
         try:
             self.scheduler.wait(slot.ticket, slot.model)
         except BackpressureError as exc:
@@ -147,10 +150,16 @@ class Admission:
         if slot.error is not None or slot.queued:
             return
         assert slot.ticket is not None
+        if slot.ticket.done():  # the caller left while the request was in the ring
+            if slot.lease is not None:
+                self.registry.release(slot.lease)
+                slot.lease = None
+            slot.error = PipelineError(ErrorCode.CANCELLED, "the caller went away")
+            return
         if slot.fanout:
             self.dispatcher.fan_out(slot.ticket)
-        elif slot.node is not None:
-            self.dispatcher.start(slot.ticket, slot.node)
+        elif slot.lease is not None:
+            self.dispatcher.start(slot.ticket, slot.lease)
 
     def metrics_stage(self, slot: Slot) -> None:
         if slot.error is not None:

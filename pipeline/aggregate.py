@@ -2,8 +2,10 @@
 
 Merging follows the API reference (§6.5): the union keyed by canonical model name, newest
 ``modified_at`` first for tags, latest ``expires_at`` first for ps, the lowest version among
-reachable nodes. Unreachable nodes are skipped (and their last known lists used), so a dead node
-shrinks the list instead of failing the call, as a single Ollama never answers 503 here.
+reachable nodes. Answers come from the discovery state (each node's last known lists), never
+from a call made while the client waits: clients such as Open WebUI poll these routes, and one
+frozen node must not make every poll wait for its timeout. A node whose lists are older than
+``max_age`` gets a background refresh (at most one in flight per node).
 """
 
 from __future__ import annotations
@@ -14,44 +16,48 @@ from typing import Any
 
 import gevent
 
-from pipeline.health import model_key, take_ps, take_tags
+from pipeline.health import HealthChecker, model_key
 from pipeline.modelname import canonical, namespace
 from pipeline.node import Node
 from pipeline.registry import NodeRegistry
-from pipeline.upstream import UpstreamClient
 
 
 class PoolView:
-    def __init__(self, registry: NodeRegistry, upstream: UpstreamClient,
-                 timeouts: tuple[float, float]) -> None:
+    """The pool's merged model lists and version, read from what discovery last saw."""
+
+    def __init__(self, registry: NodeRegistry, checker: HealthChecker,
+                 max_age_s: float = 1.0, wait_s: float = 0.5) -> None:
         self.registry = registry
-        self.upstream = upstream
-        self.timeouts = timeouts  # (connect, read) seconds
+        self.checker = checker
+        self.max_age_s = max_age_s  # lists older than this are refreshed
+        self.wait_s = wait_s  # longest wait for refreshes of nodes that answer
 
     def _reachable(self) -> list[Node]:
-        return [n for n in self.registry.all_nodes() if n.enabled and n.admits()]
+        """Nodes taking requests, their lists refreshed where old.
 
-    def _fetch(self, path: str) -> list[tuple[Node, Any]]:
-        """GET ``path`` from every reachable node in parallel; failed nodes give None."""
-        connect, read = self.timeouts
-
-        def one(node: Node) -> Any:
-            try:
-                with gevent.Timeout(connect + read):
-                    return self.upstream.get_json(node.url, path, connect, read)
-            except (Exception, gevent.Timeout):
-                return None
-
-        nodes = self._reachable()
-        jobs = [gevent.spawn(one, n) for n in nodes]
-        gevent.joinall(jobs)
-        return [(n, j.value) for n, j in zip(nodes, jobs, strict=True)]
+        A refresh this call starts for a node whose last refresh succeeded is waited for, up
+        to ``wait_s`` (a healthy node answers in milliseconds, so lists are fresh right after
+        a request loaded a model); a node whose last refresh failed, or whose refresh is
+        already under way, is answered from its last known lists at once.
+        """
+        nodes = [n for n in self.registry.all_nodes() if n.enabled and n.admits()]
+        now = time.monotonic()
+        fresh = []
+        for node in nodes:
+            if not node.discovery or (node.models_at is not None
+                                      and now - node.models_at < self.max_age_s):
+                continue
+            waited_for = node.discovery_ok and not self.checker.refreshing(node)
+            job = self.checker.refresh(node)
+            if waited_for:
+                fresh.append(job)
+        if fresh:
+            gevent.joinall(fresh, timeout=self.wait_s)
+        return nodes
 
     def tags(self) -> dict[str, Any]:
         merged: dict[str, dict[str, Any]] = {}
-        for node, data in self._fetch("/api/tags"):
-            if data is not None:
-                take_tags(node, data)
+        for node in self._reachable():
             for entry in node.tags:
                 key = model_key(entry)
                 old = merged.get(key)
@@ -62,9 +68,7 @@ class PoolView:
 
     def ps(self) -> dict[str, Any]:
         merged: dict[str, dict[str, Any]] = {}
-        for node, data in self._fetch("/api/ps"):
-            if data is not None:
-                take_ps(node, data)
+        for node in self._reachable():
             for entry in node.ps:
                 key = model_key(entry)
                 old = merged.get(key)
@@ -77,11 +81,7 @@ class PoolView:
         return {"models": models}
 
     def version(self, fallback: str = "0.0.0") -> dict[str, str]:
-        versions = []
-        for node, data in self._fetch("/api/version"):
-            if isinstance(data, dict) and data.get("version"):
-                node.version = str(data["version"])
-                versions.append(node.version)
+        versions = [n.version for n in self._reachable() if n.version]
         return {"version": min(versions, key=_version_key) if versions else fallback}
 
     def openai_models(self) -> dict[str, Any]:

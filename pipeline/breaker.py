@@ -3,6 +3,14 @@
 CLOSED counts consecutive failures; at the threshold it opens and refuses requests for the
 recovery time; then HALF_OPEN lets exactly one trial request through, whose success closes the
 circuit and whose failure reopens it. The clock is injected so tests can drive time.
+
+Ownership of the trial: ``acquire()`` hands out a numbered permit. Whoever holds the trial
+permit must end it one of three ways: ``record_success()``, ``record_failure()`` (a verdict),
+or ``release(permit)`` (no verdict: the request timed out, was cancelled, found the model
+gone, or crashed). ``release`` is called unconditionally from a ``finally`` (see
+``pipeline.lease.Lease``) and is a no-op once a verdict was recorded or for a permit that is
+not the current trial, so a trial can never stay out: a node in HALF_OPEN always admits the
+next trial once the previous one has ended, however it ended.
 """
 
 from __future__ import annotations
@@ -33,7 +41,8 @@ class CircuitBreaker:
         self._state = CircuitState.CLOSED
         self._failures = 0
         self._opened_at = 0.0
-        self._trial_out = False  # HALF_OPEN: the one trial request is under way
+        self._trial: int | None = None  # HALF_OPEN: the permit of the trial under way
+        self._permits = 0  # permits handed out; a trial permit is identified by its number
         self.on_change = on_change
         self.transitions = 0
 
@@ -48,30 +57,39 @@ class CircuitBreaker:
         """Would a request be let through now (without taking the half-open trial)?"""
         state = self.state
         return state is CircuitState.CLOSED or (
-            state is CircuitState.HALF_OPEN and not self._trial_out)
+            state is CircuitState.HALF_OPEN and self._trial is None)
 
-    def acquire(self) -> bool:
-        """Take permission for one request; in HALF_OPEN only one at a time gets it."""
+    @property
+    def trial_out(self) -> bool:
+        """Is a half-open trial under way (for tests' leak checks and /admin)?"""
+        return self._trial is not None
+
+    def acquire(self) -> int | None:
+        """A permit for one request, or None; in HALF_OPEN only one trial at a time."""
         state = self.state
-        if state is CircuitState.CLOSED:
-            return True
-        if state is CircuitState.HALF_OPEN and not self._trial_out:
-            self._trial_out = True
-            return True
-        return False
+        if state is CircuitState.HALF_OPEN and self._trial is not None:
+            return None
+        if state is CircuitState.OPEN:
+            return None
+        self._permits += 1
+        if state is CircuitState.HALF_OPEN:
+            self._trial = self._permits
+        return self._permits
 
-    def release_trial(self) -> None:
-        """A request that took permission ended without a verdict (e.g. client went away)."""
-        self._trial_out = False
+    def release(self, permit: int) -> None:
+        """The request holding ``permit`` ended: if it was the trial and left no verdict,
+        the trial is given back so the next request can be the trial."""
+        if self._trial == permit:
+            self._trial = None
 
     def record_success(self) -> None:
         self._failures = 0
-        self._trial_out = False
+        self._trial = None
         if self._state is not CircuitState.CLOSED:
             self._set(CircuitState.CLOSED)
 
     def record_failure(self) -> None:
-        self._trial_out = False
+        self._trial = None
         state = self.state
         if state is CircuitState.HALF_OPEN:
             self._open()

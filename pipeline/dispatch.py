@@ -16,10 +16,11 @@ import time
 from collections.abc import Callable
 
 import gevent
-from gevent.pool import Pool
+from gevent.pool import Group
 
 from pipeline.config import Config
 from pipeline.errors import ErrorCode, PipelineError
+from pipeline.lease import Lease
 from pipeline.ledger import Ledger
 from pipeline.metrics import MetricsRegistry
 from pipeline.node import Node
@@ -58,11 +59,16 @@ def well_formed(body: bytes) -> bool:
 
 
 class Dispatcher:
-    """Runs the node calls of dispatched requests, each in a greenlet of its own."""
+    """Runs the node calls of dispatched requests, each in a greenlet of its own.
+
+    The greenlets are not pooled: admission already bounds how many requests are in flight
+    (``maxGlobalInFlight``), and a fixed-size pool would make the dispatch stage block on a
+    full pool after that bound is raised by a reload.
+    """
 
     def __init__(self, settings: Callable[[], Config], registry: NodeRegistry, router: Router,
                  ledger: Ledger, metrics: MetricsRegistry, upstream: UpstreamClient,
-                 retry: RetryPolicy, unload: Unload, pool_size: int) -> None:
+                 retry: RetryPolicy, unload: Unload) -> None:
         self.settings = settings  # the live config (reloads apply to the next attempt)
         self.registry = registry
         self.router = router
@@ -71,42 +77,38 @@ class Dispatcher:
         self.upstream = upstream
         self.retry = retry
         self.unload = unload
-        self.pool = Pool(pool_size)
+        self.calls = Group()  # the running call greenlets
         self.streams: set[StreamRelay] = set()  # handed to callers and not yet closed
         self.requeue: Callable[[Ticket], bool] = lambda ticket: False  # wired by the pipeline
 
-    def start(self, ticket: Ticket, node: Node) -> None:
-        """Spawn the call; returns at once.
+    def start(self, ticket: Ticket, lease: Lease) -> None:
+        """Spawn the call; returns at once. The lease is the call's to give back.
 
         The model counts as loaded on the node from now on: the node will load it for this
         request, so the next requests for it should follow rather than start cold loads of
         their own elsewhere. (/api/ps discovery corrects this if the request fails.)
         """
         if ticket.endpoint is not None and ticket.endpoint.loads_model and ticket.model:
-            node.mark_loaded(ticket.model)
-        started: list[bool] = []
-        g = self.pool.spawn(self._run, ticket, node, started)
+            lease.node.mark_loaded(ticket.model)
+        g = self.calls.spawn(self._run, ticket, lease)
 
         def cancel() -> None:
-            """The caller gave up: a running call cleans up in its ``finally``."""
-            if started:
-                g.kill()
-            else:  # killed before it ran: nothing else will free its slot
-                g.kill()
-                self.registry.release(node)
-                self.ledger.finish(ticket, "CANCELLED")
+            """The caller gave up. A call that ran gives everything back in its ``finally``;
+            one killed before it ran never will, so do it here (both are idempotent)."""
+            g.kill()
+            self.registry.release(lease)
+            self.ledger.finish(ticket, "CANCELLED")
 
         ticket.on_cancel = cancel
 
-    def _run(self, ticket: Ticket, node: Node, started: list[bool]) -> None:
-        started.append(True)
-        held: Node | None = node
+    def _run(self, ticket: Ticket, lease: Lease) -> None:
+        held: Lease | None = lease  # ours to give back until handed to a reply or stream
         tried: list[Node] = []
         last_error = "no attempt made"
         try:
             while held is not None:
                 ticket.attempts += 1
-                ticket.node_id = held.id
+                ticket.node_id = held.node.id
                 remaining = ticket.deadline - time.monotonic()
                 if remaining <= 0:
                     raise PipelineError(ErrorCode.TIMEOUT, "request timed out")
@@ -115,46 +117,45 @@ class Dispatcher:
                     held = None  # handed over: released by the reply or its stream
                     return
                 last_error = failure
-                tried.append(held)
+                tried.append(held.node)
                 self.registry.release(held)
                 held = None
-                if time.monotonic() >= ticket.deadline:
-                    raise PipelineError(ErrorCode.TIMEOUT, "request timed out")
                 if not self.retry.may_retry(ticket):
                     break
                 held = self.retry.next_node(ticket, tried)
                 if held is not None:
-                    self.metrics.retry(held.id)
+                    self.metrics.retry(held.node.id)
                 elif self.requeue(ticket):
                     return  # every node is busy: wait for capacity like any other request
+            if time.monotonic() >= ticket.deadline:
+                raise PipelineError(ErrorCode.TIMEOUT, "request timed out")
             raise PipelineError(ErrorCode.UPSTREAM, last_error, retry_after=1.0)
         except PipelineError as err:
             self.ledger.finish(ticket, err.code.value, error=err)
         except gevent.GreenletExit:
-            if held is not None:
-                held.breaker.release_trial()  # no verdict: let another trial through
             self.ledger.finish(ticket, "CANCELLED")
             raise
         except Exception as exc:  # a bug: answer the caller, never leave it hanging
             log.exception("dispatch failed")
             self.ledger.finish(ticket, ErrorCode.INTERNAL.value,
-                     error=PipelineError(ErrorCode.INTERNAL, f"internal error: {exc}"))
+                               error=PipelineError(ErrorCode.INTERNAL, f"internal error: {exc}"))
         finally:
             if held is not None:
-                self.registry.release(held)
+                self.registry.release(held)  # no verdict recorded: the trial comes back too
 
-    def _attempt(self, ticket: Ticket, node: Node, remaining: float,
+    def _attempt(self, ticket: Ticket, lease: Lease, remaining: float,
                  tried: list[Node]) -> str | None:
-        """One try on ``node``: None once the reply is handed over, else why it failed.
+        """One try on the leased node: None once the reply is handed over, else why it failed.
 
         A failure returned here happened before any byte reached the caller, so it may be
-        retried; the caller still holds (and releases) the node slot.
+        retried; the caller still holds (and releases) the lease.
         """
+        node = lease.node
         t0 = time.monotonic()
         try:
             resp = self._send(ticket, node, remaining)
         except (*TRANSPORT_ERRORS, FirstByteTimeout) as exc:
-            return self._failed(ticket, node, describe(exc))
+            return self._failed(ticket, lease, describe(exc))
         status = resp.status_code
         ctype = resp.headers.get("Content-Type", "application/json; charset=utf-8")
         if status == 404 and self._stale_model(ticket, node, tried):
@@ -162,52 +163,52 @@ class Dispatcher:
             return f"node {node.id}: model not found there (stale model list)"
         if status in RETRYABLE_STATUS and self.retry.may_retry(ticket):
             resp.close()
-            return self._failed(ticket, node, f"HTTP {status}")
+            return self._failed(ticket, lease, f"HTTP {status}")
         if is_stream(ctype) and status < 300:
-            self._succeeded(ticket, node, time.monotonic() - t0)
-            self._hand_over_stream(ticket, node, resp, ctype)
+            self._succeeded(ticket, lease, time.monotonic() - t0)
+            self._hand_over_stream(ticket, lease, resp, ctype)
             return None
         # A complete reply is read whole before anything is sent, so a broken one is retried.
         # (The socket's idle timeout bounds the read: the headers are in, the body follows.)
         try:
             body = resp.content
         except TRANSPORT_ERRORS as exc:
-            return self._failed(ticket, node, f"{describe(exc)} while reading the reply")
+            return self._failed(ticket, lease, f"{describe(exc)} while reading the reply")
         finally:
             resp.close()
         if status == 200 and "json" in ctype and not well_formed(body):
-            return self._failed(ticket, node, "malformed JSON reply")
+            return self._failed(ticket, lease, "malformed JSON reply")
         if status >= 500:
-            node.record_failure(f"node {node.id}: HTTP {status}", live=True)
+            lease.failed(f"node {node.id}: HTTP {status}")
             ticket.first_byte_at = time.monotonic()
         else:
-            self._succeeded(ticket, node, time.monotonic() - t0)
-        self.registry.release(node)
+            self._succeeded(ticket, lease, time.monotonic() - t0)
+        self.registry.release(lease)
         self.ledger.observe_body(ticket, body)
         ticket.set(InferenceResponse(status, ctype, body, node.id, ticket.attempts))
         self.ledger.finish(ticket, str(status))
         return None
 
-    def _failed(self, ticket: Ticket, node: Node, reason: str) -> str:
-        full = f"node {node.id}: {reason}"
-        node.record_failure(full, live=True)
-        log.info("upstream failure", extra={"event": "upstream_failure", "node": node.id,
+    def _failed(self, ticket: Ticket, lease: Lease, reason: str) -> str:
+        full = f"node {lease.node.id}: {reason}"
+        lease.failed(full)
+        log.info("upstream failure", extra={"event": "upstream_failure", "node": lease.node.id,
                                             "error": full, "attempt": ticket.attempts,
                                             "request_id": ticket.request.request_id})
         return full
 
-    def _succeeded(self, ticket: Ticket, node: Node, ttfb: float) -> None:
+    def _succeeded(self, ticket: Ticket, lease: Lease, ttfb: float) -> None:
         ticket.first_byte_at = time.monotonic()
-        node.record_success(ttfb)
+        lease.succeeded(ttfb)
         if ticket.endpoint is not None and ticket.endpoint.loads_model and ticket.model:
-            node.mark_loaded(ticket.model)
+            lease.node.mark_loaded(ticket.model)
 
-    def _hand_over_stream(self, ticket: Ticket, node: Node, resp: UpstreamResponse,
+    def _hand_over_stream(self, ticket: Ticket, lease: Lease, resp: UpstreamResponse,
                           ctype: str) -> None:
-        relay = StreamRelay(ticket, node, resp, self.ledger, self.registry.release,
+        relay = StreamRelay(ticket, lease, resp, self.ledger, self.registry.release,
                             self.streams)
-        handle = StreamHandle(resp.status_code, ctype, relay.lines(), relay.close, node.id,
-                              ticket.attempts)
+        handle = StreamHandle(resp.status_code, ctype, relay.lines(), relay.close,
+                              lease.node.id, ticket.attempts)
         if ticket.done():  # the caller went away meanwhile
             handle.close()
             return
@@ -231,7 +232,7 @@ class Dispatcher:
 
     def fan_out(self, ticket: Ticket) -> None:
         """An unload: sent to every node with the model, answered once."""
-        g = self.pool.spawn(self.unload.run, ticket)
+        g = self.calls.spawn(self.unload.run, ticket)
         ticket.on_cancel = g.kill
 
     def _send(self, ticket: Ticket, node: Node, remaining: float) -> UpstreamResponse:
@@ -241,7 +242,9 @@ class Dispatcher:
         for name, value in req.headers:
             if name.lower() in FORWARD_HEADERS:
                 headers[name] = value
-        first_byte = t.firstByteTimeoutMs / 1000.0
+        # Ollama sends a non-streamed reply's headers only when generation ends, so for those
+        # the "first byte" is the whole answer: only the request's deadline bounds them.
+        first_byte = t.firstByteTimeoutMs / 1000.0 if ticket.stream else float("inf")
         # the request's own deadline is not the node's fault: a TIMEOUT, not a node failure
         timeout = (gevent.Timeout(first_byte, FirstByteTimeout()) if first_byte < remaining
                    else gevent.Timeout(remaining, PipelineError(ErrorCode.TIMEOUT,

@@ -22,6 +22,7 @@ class ErrorCode(StrEnum):
     UPSTREAM = "UPSTREAM"  # the node failed and no retry was possible
     PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
     SHUTTING_DOWN = "SHUTTING_DOWN"
+    CANCELLED = "CANCELLED"  # the caller went away (or gave up) before the reply
     INTERNAL = "INTERNAL"  # a bug: a stage raised
 
 

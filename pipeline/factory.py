@@ -16,6 +16,7 @@ from pipeline.config import Config, load_config, with_restart_keys_from
 from pipeline.fanout import FanOut
 from pipeline.health import HealthChecker
 from pipeline.metrics import MetricsRegistry
+from pipeline.operations import PoolOperations
 from pipeline.pipeline import Pipeline
 from pipeline.registry import NodeRegistry
 from pipeline.upstream import UpstreamClient
@@ -29,13 +30,12 @@ class PipelineFactory:
         self.metrics_registry = MetricsRegistry(config.metrics.prefix)
         self.pipeline = Pipeline(config, self.node_registry, self.metrics_registry,
                                  self.upstream)
-        t = config.timeouts
-        self.pool_view = PoolView(self.node_registry, self.upstream,
-                                  (t.connectTimeoutMs / 1000.0, t.healthCheckTimeoutMs / 1000.0))
         self.health_checker = HealthChecker(self.node_registry, self.upstream, config,
                                             on_change=self.pipeline.poke)
+        self.pool_view = PoolView(self.node_registry, self.health_checker)
         self.fan_out: FanOut = self.pipeline.fan_out
         self.fan_out.refresh = self.health_checker.discover
+        self.operations = PoolOperations(self.node_registry, self.pipeline, self.pipeline.poke)
         self.started = False
 
     @classmethod
@@ -76,7 +76,5 @@ class PipelineFactory:
                 self.upstream.forget(old_urls[node.id])
         self.config = config
         self.health_checker.config = config
-        t = config.timeouts
-        self.pool_view.timeouts = (t.connectTimeoutMs / 1000.0, t.healthCheckTimeoutMs / 1000.0)
         self.pipeline.apply_config(config)
         return changes

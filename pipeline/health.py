@@ -3,7 +3,9 @@
 Every ``healthCheck.intervalMs`` each node with checks on is probed with ``GET /api/version``;
 every ``healthCheck.modelRefreshMs`` nodes with discovery on are asked for ``/api/tags``
 (installed models) and ``/api/ps`` (loaded models). Probes of different nodes run in parallel,
-each bounded by ``timeouts.healthCheckTimeoutMs``, so one hung node cannot delay the others.
+each bounded by ``timeouts.healthCheckTimeoutMs``, so one hung node cannot delay the others,
+and at most one model refresh per node is in flight at a time (``refresh``), however often
+clients ask for the pool's model lists.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+from gevent.pool import Group
 
 from pipeline.config import Config
 from pipeline.modelname import canonical
@@ -33,6 +36,8 @@ class HealthChecker:
         self.on_change = on_change  # capacity may have come back: wake waiters
         self._greenlet: gevent.Greenlet | None = None
         self._last_discovery = 0.0
+        self._jobs = Group()  # probes and refreshes under way, killed on stop
+        self._refreshing: dict[str, gevent.Greenlet] = {}  # node id -> its model refresh
 
     def start(self) -> None:
         if self._greenlet is None:
@@ -43,6 +48,8 @@ class HealthChecker:
         if self._greenlet is not None:
             self._greenlet.kill()
             self._greenlet = None
+        self._jobs.kill()
+        self._refreshing.clear()
 
     def _loop(self) -> None:
         while True:
@@ -59,16 +66,32 @@ class HealthChecker:
             discover = now - self._last_discovery >= self.config.healthCheck.modelRefreshMs / 1e3
         if discover:
             self._last_discovery = now
-        jobs = [gevent.spawn(self.check_node, node, discover)
+        jobs = [self._jobs.spawn(self.check_node, node, discover)
                 for node in self.registry.all_nodes()]
         gevent.joinall(jobs)
         self.on_change()
+
+    def refreshing(self, node: Node) -> bool:
+        job = self._refreshing.get(node.id)
+        return job is not None and not job.dead
+
+    def refresh(self, node: Node) -> gevent.Greenlet:
+        """Refresh a node's model lists in the background; joins the one already under way."""
+        job = self._refreshing.get(node.id)
+        if job is None or job.dead:
+            job = self._refreshing[node.id] = self._jobs.spawn(self.discover, node)
+            job.link(lambda g, key=node.id: self._forget(key, g))
+        return job
+
+    def _forget(self, node_id: str, job: gevent.Greenlet) -> None:
+        if self._refreshing.get(node_id) is job:
+            del self._refreshing[node_id]
 
     def check_node(self, node: Node, discover: bool) -> None:
         if node.active_checks:
             self._probe(node)
         if discover and node.discovery and node.health is not Health.DOWN:
-            self.discover(node)
+            self.refresh(node).join()
 
     def _timeouts(self) -> tuple[float, float]:
         t = self.config.timeouts
@@ -94,14 +117,19 @@ class HealthChecker:
         """Refresh installed and loaded models; failures leave the last known lists."""
         connect, read = self._timeouts()
         try:
-            with gevent.Timeout(connect + 2 * read):
+            with gevent.Timeout(connect + 3 * read):
                 tags = self.upstream.get_json(node.url, "/api/tags", connect, read)
                 ps = self.upstream.get_json(node.url, "/api/ps", connect, read)
+                if node.version is None:  # nodes without active checks are never probed
+                    data = self.upstream.get_json(node.url, "/api/version", connect, read)
+                    node.version = str(data.get("version")) if isinstance(data, dict) else None
         except (Exception, gevent.Timeout) as exc:
             log.info("model discovery failed", extra={"event": "discovery_failed",
                      "node": node.id, "error": str(exc)[:200]})
+            node.discovery_ok = False
             return
         update_models(node, tags, ps)
+        node.discovery_ok = True
 
 
 def _entries(data: Any) -> list[dict[str, Any]]:
@@ -132,3 +160,4 @@ def update_models(node: Node, tags: Any, ps: Any) -> None:
     take_tags(node, tags)
     if ps is not None:
         take_ps(node, ps)
+    node.models_at = time.monotonic()

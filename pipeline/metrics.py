@@ -23,6 +23,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 RATE_BUCKETS = (1, 5, 10, 20, 30, 50, 75, 100, 150, 200, 400)
 OTHER = "other"
+RELOAD_RESULTS = ("applied", "invalid")  # every result app/reload.py counts
 
 
 class _Bound:
@@ -107,6 +108,8 @@ class MetricsRegistry:
             registry=r))
         self.reloads = _Bound(Counter(f"{p}_config_reloads", "Config reloads by result",
                                       ["result"], registry=r))
+        for result in RELOAD_RESULTS:  # at 0 from the start: the first rejection is an increase
+            self.reloads(result)
         self.admissions = _Bound(Counter(f"{p}_admissions", "Ring outcomes per request",
                                          ["outcome"], registry=r))
         self._pool: PoolCollector | None = None
@@ -121,6 +124,6 @@ class MetricsRegistry:
     def retry(self, node_id: str) -> None:
         self.retries(node_id).inc()
 
-    def scrape(self) -> bytes:
-        """The Prometheus text exposition."""
-        return generate_latest(self.registry)
+    def scrape(self) -> str:
+        """The Prometheus text exposition (as the seed's ``String prometheus = scrape()``)."""
+        return generate_latest(self.registry).decode()

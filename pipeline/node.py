@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeline.breaker import CircuitBreaker, CircuitState
 from pipeline.config import Config, NodeConfig
+from pipeline.lease import Lease
 from pipeline.modelname import canonical
 
 
@@ -44,6 +45,8 @@ class Node:
         self._recent: list[str] = []  # loaded models, least recently used first
         self.tags: list[dict[str, Any]] = []  # raw /api/tags entries, for merging
         self.ps: list[dict[str, Any]] = []  # raw /api/ps entries
+        self.models_at: float | None = None  # monotonic time of the last model refresh
+        self.discovery_ok = False  # the last model refresh succeeded (the node answers)
         self.draining = False  # removed from config or drained by an operator
         self.requests_total = 0
         self.latency_ewma: float | None = None  # seconds to first byte, for adaptive routing
@@ -103,6 +106,8 @@ class Node:
         least recently used one: forget it now rather than at the next /api/ps refresh, so
         routing does not send that model's requests to a node that would have to reload it.
         """
+        if model not in self.loaded:
+            self.models_at = None  # the node's /api/ps list no longer tells the truth
         if model in self._recent:
             self._recent.remove(model)
         self._recent.append(model)
@@ -120,20 +125,24 @@ class Node:
     def has_capacity(self) -> bool:
         return self.in_flight < self.max_concurrent
 
-    def try_acquire(self) -> bool:
-        """Take one request slot if the node admits it and has room."""
+    def try_acquire(self) -> Lease | None:
+        """A lease on one request slot if the node admits it and has room."""
         if self.in_flight >= self.max_concurrent or not self.admits():
-            return False
-        if not self.breaker.acquire():
-            return False
+            return None
+        permit = self.breaker.acquire()
+        if permit is None:
+            return None
         self.in_flight += 1
         self.requests_total += 1
-        return True
+        return Lease(self, permit)
 
-    def release(self) -> None:
+    def give_back(self, lease: Lease) -> None:
+        """A lease ended (``Lease.release``): the slot, and an unjudged trial, come back."""
         self.in_flight -= 1
         if self.in_flight < 0:  # a bug; never let it hide capacity
             self.in_flight = 0
+        if not lease.verdict:
+            self.breaker.release(lease.permit)
 
     # --- health -------------------------------------------------------------------------------
 

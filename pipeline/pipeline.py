@@ -63,7 +63,7 @@ class Pipeline:
         self.dispatcher = Dispatcher(lambda: self.config, registry, self.router, self.ledger,
                                      metrics, self.upstream,
                                      RetryPolicy(lambda: self.config.retry, self.router),
-                                     Unload(self.fan_out, self.ledger), d.maxGlobalInFlight)
+                                     Unload(self.fan_out, self.ledger))
         self.dispatcher.requeue = self.scheduler.requeue
         self.scheduler.dispatch = self.dispatcher.start
         self.admission = Admission(lambda: self.config, registry, self.router, self.scheduler,
@@ -224,7 +224,6 @@ class Pipeline:
         self.admission.configure(config)
         d = config.disruptor
         self.scheduler.configure(d.queueSize, d.queueTimeoutMs / 1000.0)
-        self.dispatcher.pool.size = d.maxGlobalInFlight
         if (config.strategy.type != self.router.strategy.name
                 or config.strategy.adaptive != self.router.strategy.adaptive):
             self.set_strategy(StrategyFactory.create(config.strategy.type,

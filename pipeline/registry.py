@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from pipeline.breaker import CircuitState
 from pipeline.config import Config
+from pipeline.lease import Lease
 from pipeline.node import Node
 
 
@@ -62,9 +63,11 @@ class NodeRegistry:
     def get(self, node_id: str) -> Node | None:
         return self._nodes.get(node_id)
 
-    def release(self, node: Node) -> None:
-        """Give a slot back and let waiting requests take it."""
-        node.release()
+    def release(self, lease: Lease) -> None:
+        """Give a lease back (idempotent) and let waiting requests take the slot."""
+        if not lease.release():
+            return
+        node = lease.node
         if node.draining and node.id in self._removed and node.in_flight == 0:
             del self._removed[node.id]
         self.on_capacity(node)

@@ -8,11 +8,13 @@ stops generating), gives the node slot back and finishes the request in the ledg
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 from collections.abc import Callable, Iterator
 
+from pipeline.lease import Lease
 from pipeline.ledger import Ledger
-from pipeline.node import Node
 from pipeline.request import Ticket
 from pipeline.upstream import TRANSPORT_ERRORS, UpstreamResponse, describe, whole_lines
 
@@ -20,10 +22,11 @@ from pipeline.upstream import TRANSPORT_ERRORS, UpstreamResponse, describe, whol
 class StreamRelay:
     """Relays one node stream; registered in ``live`` until closed."""
 
-    def __init__(self, ticket: Ticket, node: Node, resp: UpstreamResponse, ledger: Ledger,
-                 release: Callable[[Node], None], live: set[StreamRelay]) -> None:
+    def __init__(self, ticket: Ticket, lease: Lease, resp: UpstreamResponse, ledger: Ledger,
+                 release: Callable[[Lease], None], live: set[StreamRelay]) -> None:
         self.ticket = ticket
-        self.node = node
+        self.lease = lease
+        self.node = lease.node
         self.resp = resp
         self.ledger = ledger
         self.release = release
@@ -42,14 +45,13 @@ class StreamRelay:
                 self.last_line = piece
                 if self.ndjson and not (piece.startswith(b"{") and piece.endswith(b"}\n")):
                     reason = f"node {self.node.id}: malformed line in the stream"
-                    self.node.record_failure(reason, live=True)
+                    self.lease.failed(reason)
                     self.outcome = "STREAM_BROKEN"
                     self.complete = True
                     yield self.error_line(reason)
                     return
                 if piece.startswith(b'{"error"'):
-                    self.node.record_failure(f"node {self.node.id}: error in stream",
-                                             live=True)
+                    self.lease.failed(f"node {self.node.id}: error in stream")
                     self.outcome = "STREAM_ERROR"
                 yield piece
             self.complete = True
@@ -60,7 +62,7 @@ class StreamRelay:
                 yield self.error_line(self.cut_reason)
                 return
             reason = f"node {self.node.id}: {describe(exc)} during the stream"
-            self.node.record_failure(reason, live=True)
+            self.lease.failed(reason)
             self.outcome = "STREAM_BROKEN"
             yield self.error_line(reason)
 
@@ -73,7 +75,14 @@ class StreamRelay:
         if self.closed or self.complete:
             return
         self.cut_reason = reason
-        self.resp.raw.close()
+        # shut the socket down rather than close the response: closing its reader under the
+        # greenlet blocked in it raises there (reentrant call) instead of ending the read
+        sock = getattr(self.resp.raw.connection, "sock", None)
+        if sock is None:
+            self.resp.raw.close()
+            return
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
     def error_line(self, message: str) -> bytes:
         """One final error line: native ``{"error"}`` or an OpenAI SSE error frame."""
@@ -94,6 +103,6 @@ class StreamRelay:
         try:
             self.resp.close()
         finally:
-            self.release(self.node)
+            self.release(self.lease)
             self.ledger.observe_body(self.ticket, self.last_line)
             self.ledger.finish(self.ticket, self.outcome)

@@ -157,7 +157,8 @@ class Ticket:
     It also collects what the access log reports (node, attempts, queue wait, first byte).
     """
 
-    __slots__ = ("_result", "attempts", "deadline", "endpoint", "finished", "first_byte_at",
+    __slots__ = ("_result", "abandoned", "attempts", "deadline", "endpoint", "finished",
+                 "first_byte_at",
                  "model", "model_raw", "node_id", "on_cancel", "queue_wait", "request",
                  "status", "stream", "submitted_at", "tokens")
 
@@ -178,9 +179,23 @@ class Ticket:
         self.tokens: int | None = None  # eval_count of the reply, when it reports one
         self.first_byte_at: float | None = None
         self.on_cancel: Callable[[], None] | None = None
+        self.abandoned = False  # the caller went away while waiting (see abandon())
 
-    def set(self, result: Result) -> None:
+    def set(self, result: Result) -> bool:
+        """Deliver the reply; False (and nothing changes) if the ticket was already resolved."""
+        if self._result.ready():
+            return False
         self._result.set(result)
+        return True
+
+    def abandon(self, reason: str = "the client closed the connection") -> None:
+        """The caller is gone: wake its ``result()``, which then cancels the work.
+
+        Never blocks, so it may be called from a hub callback (a socket watcher).
+        """
+        if not self._result.ready():
+            self.abandoned = True
+            self._result.set_exception(PipelineError(ErrorCode.CANCELLED, reason))
 
     def fail(self, error: PipelineError) -> None:
         if not self._result.ready():
@@ -194,7 +209,7 @@ class Ticket:
         if timeout is None:
             timeout = max(0.0, self.deadline - time.monotonic()) + 1.0
         self._result.wait(timeout)  # returns without raising, ready or not
-        if not self._result.ready():
+        if not self._result.ready() or self.abandoned:
             self.cancel()
         return self._result.get(block=False)
 

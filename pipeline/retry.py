@@ -15,6 +15,7 @@ from collections.abc import Callable
 import gevent
 
 from pipeline.config import RetryConfig
+from pipeline.lease import Lease
 from pipeline.node import Node
 from pipeline.request import Ticket
 from pipeline.routing import Router
@@ -38,7 +39,7 @@ class RetryPolicy:
         return (ticket.attempts <= self.settings().maxRetries
                 and time.monotonic() < ticket.deadline)
 
-    def next_node(self, ticket: Ticket, tried: list[Node]) -> Node | None:
+    def next_node(self, ticket: Ticket, tried: list[Node]) -> Lease | None:
         """Back off, then take a different node if one can serve, else a tried one."""
         retry = self.settings()
         delay = backoff_delay(ticket.attempts, retry.initialBackoffMs / 1000.0,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from pipeline.lease import Lease
 from pipeline.node import Node
 from pipeline.registry import NodeRegistry
 from pipeline.strategy import Strategy
@@ -74,8 +75,8 @@ class Router:
         free = self.candidates(model, admitting)
         return self.strategy.select(free, model) if free else None
 
-    def acquire(self, model: str, exclude: Iterable[Node] = ()) -> Node | None:
-        """Pick and take a slot on a node for ``model``, or None if none has room."""
+    def acquire(self, model: str, exclude: Iterable[Node] = ()) -> Lease | None:
+        """Pick a node for ``model`` and take a lease on it, or None if none has room."""
         skip = {n.id for n in exclude}
         admitting, _ = self.classify(model)
         candidates = [n for n in self.candidates(model, admitting) if n.id not in skip]
@@ -83,7 +84,8 @@ class Router:
             node = self.strategy.select(candidates, model)
             if node is None:
                 return None
-            if node.try_acquire():
-                return node
+            lease = node.try_acquire()
+            if lease is not None:
+                return lease
             candidates.remove(node)
         return None

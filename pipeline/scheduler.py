@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 from pipeline.errors import BackpressureError, ErrorCode, PipelineError
+from pipeline.lease import Lease
 from pipeline.ledger import Ledger
 from pipeline.metrics import MetricsRegistry
 from pipeline.node import Node
@@ -19,7 +20,7 @@ from pipeline.request import Ticket
 from pipeline.routing import Router
 from pipeline.waitqueue import CapacityQueue, Waiter
 
-Dispatch = Callable[[Ticket, Node], None]
+Dispatch = Callable[[Ticket, Lease], None]
 
 
 class Scheduler:
@@ -29,7 +30,7 @@ class Scheduler:
         self.ledger = ledger
         self.metrics = metrics
         self.queue = CapacityQueue(queue_size, queue_timeout_s, self._expired)
-        self.dispatch: Dispatch = lambda ticket, node: None  # wired by the pipeline
+        self.dispatch: Dispatch = lambda ticket, lease: None  # wired by the pipeline
         self._waking = False
 
     def __len__(self) -> int:
@@ -64,13 +65,13 @@ class Scheduler:
     def _serve_one(self) -> bool:
         """Dispatch the oldest waiter (across models) that free capacity can serve."""
         for waiter in self.queue.heads():
-            node = self.router.acquire(waiter.model)
-            if node is None:
+            lease = self.router.acquire(waiter.model)
+            if lease is None:
                 continue
             self.queue.pop(waiter)
             waiter.ticket.queue_wait = time.monotonic() - waiter.ticket.submitted_at
             self.metrics.queue_wait.observe(waiter.ticket.queue_wait)
-            self.dispatch(waiter.ticket, node)
+            self.dispatch(waiter.ticket, lease)
             return True
         return False
 

@@ -11,12 +11,13 @@ from typing import Any
 
 from pipeline.endpoints import Endpoint
 from pipeline.errors import PipelineError
+from pipeline.lease import Lease
 from pipeline.node import Node
 from pipeline.request import InferenceRequest, Ticket
 
 
 class Slot:
-    __slots__ = ("endpoint", "error", "fanout", "model", "model_raw", "node", "payload",
+    __slots__ = ("endpoint", "error", "fanout", "lease", "model", "model_raw", "node", "payload",
                  "queued", "request", "stream", "ticket")
 
     def __init__(self) -> None:
@@ -36,8 +37,10 @@ class Slot:
         self.model: str = ""
         #: whether the reply streams
         self.stream: bool = False
-        #: the node picked by selection, acquired by capacity
+        #: the node picked by selection
         self.node: Node | None = None
+        #: the lease on a node slot taken by capacity, handed to dispatch
+        self.lease: Lease | None = None
         #: True once the request waits for node capacity outside the ring
         self.queued: bool = False
         #: True for an unload (keep_alive 0, nothing to generate): sent to every node

@@ -58,13 +58,21 @@ class UpstreamError(Urllib3Error):
 
 
 class UpstreamResponse:
-    """A node's reply with its body unread; ``close()`` returns or drops the connection."""
+    """A node's reply with its body unread; ``close()`` returns or drops the connection.
 
-    __slots__ = ("_consumed", "raw")
+    Every response counts as a connection checked out of its client until ``close()``, so a
+    leaked response (a connection never given back) is visible in ``UpstreamClient.checked_out``.
+    """
 
-    def __init__(self, raw: HTTPResponse) -> None:
+    __slots__ = ("_client", "_consumed", "closed", "raw")
+
+    def __init__(self, raw: HTTPResponse, client: UpstreamClient | None = None) -> None:
         self.raw = raw
         self._consumed = False
+        self.closed = False
+        self._client = client
+        if client is not None:
+            client.checked_out += 1
 
     @property
     def status_code(self) -> int:
@@ -101,6 +109,11 @@ class UpstreamResponse:
 
     def close(self) -> None:
         """Keep the connection for reuse if the body was read to its end, else drop it."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._client is not None:
+            self._client.checked_out -= 1
         if not self._consumed:
             self.raw.close()  # the node sees the client go away
         self.raw.release_conn()
@@ -111,6 +124,7 @@ class UpstreamClient:
 
     def __init__(self) -> None:
         self._adapters: dict[str, HTTPAdapter] = {}
+        self.checked_out = 0  # responses handed out and not yet closed
 
     def _pool(self, base_url: str, pool_size: int) -> Any:
         adapter = self._adapters.get(base_url)
@@ -132,7 +146,7 @@ class UpstreamClient:
             method, path, body=body, headers=headers, retries=False, redirect=False,
             assert_same_host=False, preload_content=False, decode_content=False,
             release_conn=False, timeout=Timeout(connect=connect_timeout, read=read_timeout))
-        return UpstreamResponse(raw)
+        return UpstreamResponse(raw, self)
 
     def get_json(self, base_url: str, path: str, connect_timeout: float,
                  read_timeout: float) -> object:

@@ -73,9 +73,10 @@ def fake_node() -> Iterator[Callable[..., FakeNodeServer]]:
     started: list[FakeNodeServer] = []
 
     def make(models: list[str], profile: str = "fast", fault: str = "none",
-             fault_api: bool = False, **overrides: Any) -> FakeNodeServer:
+             fault_api: bool = False, library: list[str] | None = None,
+             **overrides: Any) -> FakeNodeServer:
         server = FakeNodeServer(models, make_profile(profile, **overrides), fault=fault,
-                                fault_api=fault_api)
+                                fault_api=fault_api, library=library)
         started.append(server.start())
         return server
 
@@ -105,19 +106,28 @@ def lb_config(nodes: list[FakeNodeServer], **sections: Any) -> dict[str, Any]:
 
 
 def assert_no_leaks(app: OllamaLoadBalancerApplication, timeout: float = 5.0) -> None:
-    """Every node slot and admission given back (streams close asynchronously)."""
+    """Every node slot, admission, trial, stream and upstream connection given back, and every
+    stage greenlet alive (streams close asynchronously, so this waits a little)."""
     assert app.factory is not None
     p = app.factory.pipeline
     deadline = gevent.time.time() + timeout  # type: ignore[attr-defined]
     nodes = app.factory.node_registry.all_nodes() + app.factory.node_registry.removed_nodes()
     while gevent.time.time() < deadline:  # type: ignore[attr-defined]
-        if p.in_flight == 0 and all(n.in_flight == 0 for n in nodes):
+        if (p.in_flight == 0 and all(n.in_flight == 0 for n in nodes)
+                and app.factory.upstream.checked_out == 0):
             break
         gevent.sleep(0.02)
     held = {n.id: n.in_flight for n in nodes if n.in_flight}
     assert p.in_flight == 0, f"pipeline admissions leaked: {p.in_flight}"
     assert not held, f"node slots leaked: {held}"
     assert len(p.queue) == 0, "requests left in the capacity queue"
+    trials = [n.id for n in nodes if n.breaker.trial_out]
+    assert not trials, f"half-open trials left out: {trials}"
+    assert app.factory.upstream.checked_out == 0, (
+        f"upstream connections left checked out: {app.factory.upstream.checked_out}")
+    assert not p.streams, f"streams left open: {len(p.streams)}"
+    dead = [s.name for s in p.stages if s.greenlet is None or s.greenlet.dead]
+    assert not dead, f"stage greenlets dead: {dead}"
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ admission came back.
 
 from __future__ import annotations
 
+import json
 import time
 
 import gevent
@@ -15,6 +16,7 @@ import pytest
 import requests
 
 from pipeline.breaker import CircuitState
+from pipeline.node import Health
 
 BODY = {"model": "m", "prompt": "hello", "stream": False}
 
@@ -65,13 +67,49 @@ def test_refused_node_traffic_moves_to_the_others(fake_node, appliance):
 
 
 def test_hung_node_is_cut_by_the_first_byte_timeout_and_retried(fake_node, appliance):
+    """Streams: no first byte in time means a hung node. (A non-streamed reply's headers come
+    only when generation ends, so those are bounded by the request deadline instead.)"""
     hung, good = fake_node(["m"], fault="hang"), fake_node(["m"])
     lb = appliance([hung, good], strategy={"type": "round-robin"},
                    timeouts={"firstByteTimeoutMs": 300})
+
+    def streamed(_):
+        r = requests.post(f"{lb.url}/api/generate", json={"model": "m", "prompt": "x"},
+                          timeout=20)
+        return r.status_code, json.loads(r.text.splitlines()[-1])
+
     t0 = time.monotonic()
-    assert all_complete(ask(lb, 6))
+    jobs = [gevent.spawn(streamed, i) for i in range(6)]
+    gevent.joinall(jobs, raise_error=True)
+    assert all_complete([j.value for j in jobs])
     assert time.monotonic() - t0 < 5
     assert "first byte" in lb.factory.node_registry.get("n0").last_error
+
+
+def test_frozen_node_is_found_by_its_probe_and_traffic_moves(fake_node, appliance):
+    """A box that answers nothing at all (not even /api/version) goes DOWN on its probes."""
+    import socket
+    frozen = socket.socket()
+    frozen.bind(("127.0.0.1", 0))
+    frozen.listen(64)
+    try:
+        good = fake_node(["m"])
+
+        class Box:
+            url = f"http://127.0.0.1:{frozen.getsockname()[1]}"
+        lb = appliance([Box(), good], discover=False, node_overrides={0: {"models": ["m"]}},
+                       strategy={"type": "round-robin"},
+                       healthCheck={"intervalMs": 100, "downThreshold": 2},
+                       timeouts={"healthCheckTimeoutMs": 200})
+        node = lb.factory.node_registry.get("n0")
+        deadline = time.monotonic() + 5
+        while node.health is not Health.DOWN and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        assert node.health is Health.DOWN
+        assert all_complete(ask(lb, 4))
+        assert node.in_flight == 0
+    finally:
+        frozen.close()
 
 
 def test_http_500_is_a_clear_error_counted_until_the_circuit_opens(fake_node, appliance):

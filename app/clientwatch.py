@@ -1,0 +1,63 @@
+"""Watching a waiting client's socket: a client that goes away cancels its work at once.
+
+While a view waits for its reply (queued for capacity, a cold load, the first byte, a whole
+non-streamed reply) nothing is written to the client, so a client that gives up would only be
+noticed when the reply is finally written, after the GPU did the work for nobody. Ollama itself
+cancels generation when its client leaves; so does the appliance: a read watcher on the client
+socket fires when the peer closes (EOF) or resets, and abandons the ticket. No polling: the
+event loop tells us.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import gevent
+
+from pipeline.request import Ticket
+
+_READ = 1  # libev/libuv EV_READ
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+
+def _peer_gone(raw: Any) -> bool | None:
+    """True: EOF or reset; False: data waiting (a pipelined request); None: nothing yet."""
+    try:
+        data = raw.recv(1, _PEEK)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return True
+    return not data
+
+
+@contextmanager
+def watching(sock: Any, ticket: Ticket) -> Iterator[None]:
+    """While inside, the ticket is abandoned as soon as the client's socket reports EOF."""
+    raw = getattr(sock, "_sock", sock)  # gevent's socket wraps the real one
+    try:
+        fd = raw.fileno()
+    except (OSError, AttributeError):
+        fd = -1
+    if fd < 0:
+        yield
+        return
+    watcher = gevent.get_hub().loop.io(fd, _READ)
+
+    def readable() -> None:
+        gone = _peer_gone(raw)
+        if gone is None:
+            return
+        watcher.stop()  # one verdict is enough; pipelined bytes are left for pywsgi
+        if gone:
+            ticket.abandon("the client closed the connection")
+
+    watcher.start(readable)
+    try:
+        yield
+    finally:
+        watcher.stop()
+        watcher.close()

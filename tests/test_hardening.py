@@ -1,0 +1,233 @@
+"""Real LLM timing: replies that take long, clients that leave, trials that end without verdict.
+
+Each test reproduces a failure seen against the first version through real sockets (the
+simulated node, the appliance, real clients) and asserts the behaviour an operator relies on.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import gevent
+import requests
+
+from pipeline.breaker import CircuitState
+from pipeline.config import parse_config
+from pipeline.node import Health
+from tests.conftest import lb_config
+from tests.waiting import wait_until
+
+
+def post(lb, body, path="/api/generate", timeout=30):
+    r = requests.post(f"{lb.url}{path}", json=body, timeout=timeout)
+    return r.status_code, r.json() if r.headers.get("Content-Type", "").startswith(
+        "application/json") else r.text
+
+
+def raw_request(lb, body, path="/api/generate") -> socket.socket:
+    """Send one request on a raw socket and return it unread (the client 'waits')."""
+    host, port = lb.url.rsplit("//", 1)[1].rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    data = json.dumps(body).encode()
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: lb\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def open_circuit(lb, node, fake):
+    """Fail one request so the breaker (threshold 1) opens, then wait for HALF_OPEN."""
+    fake.node.set_fault("500", count=1)
+    assert post(lb, {"model": "m", "prompt": "x", "stream": False})[0] == 500
+    n = lb.factory.node_registry.get(node)
+    assert n.circuit is CircuitState.OPEN
+    assert wait_until(lambda: n.circuit is CircuitState.HALF_OPEN, 5)
+    return n
+
+
+BREAKER = {"circuitBreakerFailureThreshold": 1, "circuitBreakerRecoveryMs": 200,
+           "downThreshold": 1000, "degradedThreshold": 1000}
+
+
+# --- 1. the half-open trial is always given back -------------------------------------------------
+
+def test_half_open_trial_that_runs_into_the_deadline_is_given_back(fake_node, appliance):
+    fake = fake_node(["m"])
+    lb = appliance([fake], healthCheck=BREAKER, timeouts={"requestTimeoutMs": 700})
+    node = open_circuit(lb, "n0", fake)
+    fake.node.set_fault("hang", count=1)  # the trial request never gets an answer
+    status, _ = post(lb, {"model": "m", "prompt": "x", "stream": False})
+    assert status == 504
+    assert wait_until(lambda: not node.breaker.trial_out, 3)
+    status, body = post(lb, {"model": "m", "prompt": "x", "stream": False})
+    assert status == 200 and body["done"] is True  # the next request is the new trial
+    assert node.circuit is CircuitState.CLOSED
+
+
+def test_half_open_trial_cancelled_by_its_client_is_given_back(fake_node, appliance):
+    fake = fake_node(["m"])
+    lb = appliance([fake], healthCheck=BREAKER)
+    node = open_circuit(lb, "n0", fake)
+    fake.node.set_fault("hang", count=1)
+    sock = raw_request(lb, {"model": "m", "prompt": "x", "stream": False})
+    assert wait_until(lambda: node.breaker.trial_out
+                      and fake.stats.by_path.get("/api/generate") == 2, 5)
+    sock.close()  # the client gives up on the trial
+    assert wait_until(lambda: not node.breaker.trial_out and node.in_flight == 0, 2)
+    status, body = post(lb, {"model": "m", "prompt": "x", "stream": False})
+    assert status == 200 and node.circuit is CircuitState.CLOSED
+
+
+def test_half_open_trial_that_meets_a_stale_model_is_given_back(fake_node, appliance):
+    gone, other = fake_node(["m", "k"]), fake_node(["m", "k"])
+    lb = appliance([gone, other], strategy={"type": "round-robin"},
+                   healthCheck={**BREAKER, "modelRefreshMs": 600_000, "intervalMs": 600_000})
+    requests.delete(f"{gone.url}/api/delete", json={"model": "m"}, timeout=5).raise_for_status()
+    n0 = lb.factory.node_registry.get("n0")
+    n0.breaker.record_failure()  # threshold 1: n0 opens, then goes on trial
+    assert wait_until(lambda: n0.circuit is CircuitState.HALF_OPEN, 5)
+    for _ in range(4):  # until the trial request reaches n0 and meets the stale list
+        assert post(lb, {"model": "m", "prompt": "x", "stream": False})[0] == 200
+        if gone.stats.by_path.get("/api/generate", 0):
+            break
+    assert gone.stats.by_path.get("/api/generate", 0) == 1  # the trial met the 404
+    assert not n0.breaker.trial_out
+    before = gone.stats.by_path["/api/generate"]
+    for _ in range(2):  # n0 takes a trial again and closes its circuit
+        assert post(lb, {"model": "k", "prompt": "x", "stream": False})[0] == 200
+    assert gone.stats.by_path["/api/generate"] == before + 1
+    assert n0.circuit is CircuitState.CLOSED
+
+
+# --- 2. a long non-streamed reply is not a dead node ---------------------------------------------
+
+SLOW = {"decode_tps": 10.0, "tokens": 8}  # a stream:false reply takes ~0.8 s to start
+
+
+def test_long_non_streamed_reply_is_answered_once_and_not_retried(fake_node, appliance):
+    a, b = fake_node(["m"], **SLOW), fake_node(["m"], **SLOW)
+    lb = appliance([a, b], strategy={"type": "round-robin"},
+                   timeouts={"firstByteTimeoutMs": 200})
+    status, body = post(lb, {"model": "m", "prompt": "x", "stream": False})
+    assert status == 200 and body["done"] is True
+    generated = a.stats.by_path.get("/api/generate", 0) + b.stats.by_path.get("/api/generate", 0)
+    assert generated == 1  # the GPU work was done once
+    for node in lb.factory.node_registry.all_nodes():
+        assert node.health is Health.UP and node.failures == 0
+
+
+def test_non_streamed_reply_past_the_deadline_times_out_once(fake_node, appliance):
+    a, b = fake_node(["m"], **SLOW), fake_node(["m"], **SLOW)
+    lb = appliance([a, b], strategy={"type": "round-robin"},
+                   timeouts={"firstByteTimeoutMs": 100, "requestTimeoutMs": 400})
+    status, body = post(lb, {"model": "m", "prompt": "x", "stream": False})
+    assert status == 504 and "timed out" in body["error"]
+    generated = a.stats.by_path.get("/api/generate", 0) + b.stats.by_path.get("/api/generate", 0)
+    assert generated == 1  # not re-run elsewhere: work may have been done
+    lb.factory.health_checker.check_all(discover=False)
+    for node in lb.factory.node_registry.all_nodes():
+        assert node.health is Health.UP  # it still passes its probe
+
+
+def test_streamed_request_with_no_first_byte_is_still_failed_over(fake_node, appliance):
+    hung, good = fake_node(["m"], fault="hang"), fake_node(["m"])
+    lb = appliance([hung, good], strategy={"type": "round-robin"},
+                   timeouts={"firstByteTimeoutMs": 300})
+    for _ in range(2):
+        r = requests.post(f"{lb.url}/api/generate", json={"model": "m", "prompt": "x"},
+                          timeout=10)
+        assert r.status_code == 200 and json.loads(r.text.splitlines()[-1])["done"]
+
+
+# --- 3. a client that goes away cancels its work -------------------------------------------------
+
+def _settled(lb, node_id="n0", slots=0, admitted=0):
+    p, node = lb.factory.pipeline, lb.factory.node_registry.get(node_id)
+    return lambda: (node.in_flight == slots and p.in_flight == admitted and len(p.queue) == 0
+                    and lb.factory.upstream.checked_out == slots)
+
+
+def test_client_leaving_while_queued_frees_its_queue_entry(fake_node, appliance):
+    fake = fake_node(["m"], decode_tps=20.0, tokens=200)
+    lb = appliance([fake], node_overrides={0: {"maxConcurrentRequests": 1}})
+    busy = requests.post(f"{lb.url}/api/generate", json={"model": "m", "prompt": "x"},
+                         stream=True, timeout=30)
+    queued = raw_request(lb, {"model": "m", "prompt": "y", "stream": False})
+    assert wait_until(lambda: len(lb.factory.pipeline.queue) == 1, 5)
+    queued.close()
+    t0 = time.monotonic()
+    assert wait_until(_settled(lb, slots=1, admitted=1), 1.0)
+    assert time.monotonic() - t0 < 1.0
+    busy.close()
+
+
+def test_client_leaving_during_a_cold_load_frees_the_slot_and_the_connection(fake_node,
+                                                                            appliance):
+    fake = fake_node(["m"], load_s=5.0)
+    lb = appliance([fake])
+    sock = raw_request(lb, {"model": "m", "prompt": "x", "stream": True})
+    assert wait_until(lambda: lb.factory.upstream.checked_out == 0
+                      and lb.factory.node_registry.get("n0").in_flight == 1, 5)
+    sock.close()
+    assert wait_until(_settled(lb), 1.0)
+
+
+def test_client_leaving_during_a_non_streamed_reply_cancels_generation(fake_node, appliance):
+    fake = fake_node(["m"], decode_tps=10.0, tokens=100)  # 10 s of generation
+    lb = appliance([fake])
+    sock = raw_request(lb, {"model": "m", "prompt": "x", "stream": False})
+    assert wait_until(lambda: fake.stats.active == 1, 5)
+    sock.close()
+    assert wait_until(_settled(lb), 1.0)
+    assert wait_until(lambda: fake.stats.active == 0, 2)  # the node stopped generating
+
+
+# --- 5. raising maxGlobalInFlight on reload never blocks the dispatch stage -------------------
+
+def test_raised_in_flight_limit_does_not_block_requests_for_idle_nodes(fake_node, appliance):
+    slow = fake_node(["slow"], decode_tps=5.0, tokens=15)  # 3 s per reply
+    fast = fake_node(["fast"])
+    sections = {"disruptor": {"maxGlobalInFlight": 2}}
+    lb = appliance([slow, fast], **sections)
+    lb.factory.apply_config(parse_config(lb_config(
+        [slow, fast], disruptor={"maxGlobalInFlight": 8})))
+    long_ones = [gevent.spawn(post, lb, {"model": "slow", "prompt": "x", "stream": False})
+                 for _ in range(2)]
+    assert wait_until(lambda: slow.stats.active == 2, 5)
+    status, body = post(lb, {"model": "fast", "prompt": "x", "stream": False})
+    assert status == 200 and body["done"] is True
+    assert slow.stats.active == 2  # answered while both long requests still run
+    gevent.joinall(long_ones, raise_error=True)
+    assert all(g.value[0] == 200 for g in long_ones)
+
+
+# --- 8. pool-wide lists never wait on a frozen node ---------------------------------------------
+
+def test_model_lists_and_version_never_wait_on_a_frozen_node(fake_node, appliance):
+    good = fake_node(["m"])
+    frozen = socket.socket()
+    frozen.bind(("127.0.0.1", 0))
+    frozen.listen(16)  # accepts connections (the kernel does) and never answers: a frozen box
+    try:
+        url = f"http://127.0.0.1:{frozen.getsockname()[1]}"
+
+        class Frozen:
+            pass
+        box = Frozen()
+        box.url = url
+        lb = appliance([good, box], discover=False,
+                       timeouts={"healthCheckTimeoutMs": 3000},
+                       healthCheck={"intervalMs": 600_000, "modelRefreshMs": 600_000})
+        lb.factory.health_checker.discover(lb.factory.node_registry.get("n0"))
+        for path in ("/api/tags", "/api/ps", "/api/version", "/v1/models"):
+            for _ in range(3):  # Open WebUI polls
+                t0 = time.monotonic()
+                r = requests.get(f"{lb.url}{path}", timeout=10)
+                assert r.status_code == 200
+                assert time.monotonic() - t0 < 1.0, f"{path} waited on the frozen node"
+        names = [m["name"] for m in requests.get(f"{lb.url}/api/tags", timeout=5).json()["models"]]
+        assert any(n.startswith("m") for n in names)
+        assert requests.get(f"{lb.url}/api/version", timeout=5).json()["version"] != "0.0.0"
+    finally:
+        frozen.close()
