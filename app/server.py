@@ -287,27 +287,48 @@ class OllamaLoadBalancerApplication:
             return
         self._stopping = True
         assert self.factory is not None and self.server is not None
-        p, server = self.factory.pipeline, self.server
+        p = self.factory.pipeline
         drain = self.factory.config.server.drainSeconds if drain_s is None else drain_s
         notify.send(f"STOPPING=1\nSTATUS=draining {p.in_flight} requests for up to {drain:g} s")
         log.warning("shutting down", extra={"event": "stopping", "drain_s": drain,
                                             "in_flight": p.in_flight})
+        left, cut = p.in_flight, 0  # what is reported if the drain itself fails
+        try:
+            left, cut = self._drain(drain)
+        finally:
+            try:
+                self._stop_everything()
+            finally:
+                self.exit_status = EXIT_STREAMS_CUT if left else 0
+                log.warning("stopped", extra={"event": "stopped", "cut_requests": left,
+                                              "cut_streams": cut,
+                                              "exit_status": self.exit_status})
+                self._stopped.set()
+
+    def _drain(self, drain: float) -> tuple[int, int]:
+        """Drain up to ``drain`` s; then cut the streams left. (requests left, streams cut)"""
+        assert self.factory is not None and self.server is not None
+        p, server = self.factory.pipeline, self.server
         server.begin_drain()
         server.wait_quiet(time.monotonic() + drain, lambda: p.in_flight)
-        left = p.in_flight
-        cut = p.cut_streams(CUT_REASON) if left else 0
-        server.wait_quiet(time.monotonic() + CUT_GRACE_S, lambda: p.in_flight)
+        left, cut = p.in_flight, 0
+        if left:
+            try:
+                cut = p.cut_streams(CUT_REASON)
+            except Exception:  # still stop: the connections are closed below regardless
+                log.exception("cutting the streams failed", extra={"event": "cut_failed"})
+            server.wait_quiet(time.monotonic() + CUT_GRACE_S, lambda: p.in_flight)
+        return left, cut
+
+    def _stop_everything(self) -> None:
+        assert self.factory is not None and self.server is not None
         if self.watcher is not None:
             self.watcher.stop()
         if self._watchdog is not None:
             self._watchdog.kill()
         self.factory.stop()  # answers requests still queued for capacity
-        server.wait_quiet(time.monotonic() + CUT_GRACE_S, lambda: 0)
-        server.kill_connections()
-        self.exit_status = EXIT_STREAMS_CUT if left else 0
-        log.warning("stopped", extra={"event": "stopped", "cut_requests": left,
-                                      "cut_streams": cut, "exit_status": self.exit_status})
-        self._stopped.set()
+        self.server.wait_quiet(time.monotonic() + CUT_GRACE_S, lambda: 0)
+        self.server.kill_connections()
 
     def await_shutdown(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)

@@ -7,15 +7,20 @@ kept-alive connection); every wait is a bounded loop on an observable state.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 
 import gevent
 import pytest
 import requests
+import yaml
 
-from app.netutil import make_listener
-from app.server import ClientHandler
+from app.netutil import listen_fds, make_listener
+from app.server import CUT_REASON, EXIT_STREAMS_CUT, ClientHandler
 
 
 def wait_until(predicate, timeout: float, step: float = 0.01) -> float:
@@ -204,3 +209,107 @@ def test_crashed_stage_stops_the_watchdog_pings_and_live_answers_503(
         assert lb.factory.pipeline.in_flight == 0
     finally:
         notify_sock.close()
+
+
+# --- systemd socket activation and the drain bound, as processes -------------------------------
+
+class ActivatedProc:
+    """``python -m app CONFIG`` given a listening socket as systemd gives it: fd 3, LISTEN_*."""
+
+    def __init__(self, config, listener: socket.socket) -> None:
+        fd = listener.fileno()
+        script = (f'exec 3<&{fd} {fd}<&-; export LISTEN_PID=$$ LISTEN_FDS=1; '
+                  'exec "$0" -m app "$1"')
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "WATCHDOG_USEC")}
+        self.p = subprocess.Popen(["bash", "-c", script, sys.executable, str(config)],
+                                  pass_fds=(fd,), stderr=subprocess.PIPE,
+                                  stdout=subprocess.DEVNULL, env=env)
+        self.events: list[dict] = []
+        self.started = self.wait_for("started", 20)
+
+    def wait_for(self, event: str, timeout: float = 10) -> dict:
+        with gevent.Timeout(timeout):
+            while not any(e.get("event") == event for e in self.events):
+                line = self.p.stderr.readline()
+                assert line, f"exited ({self.p.wait()}) before {event!r}: {self.events}"
+                try:
+                    self.events.append(json.loads(line))
+                except ValueError:
+                    self.events.append({"raw": line.decode(errors="replace")})
+        return next(e for e in self.events if e.get("event") == event)
+
+    def stop(self) -> int:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+        try:
+            return self.p.wait(timeout=20)
+        finally:
+            if self.p.poll() is None:
+                self.p.kill()
+                self.p.wait()
+            self.p.stderr.close()
+
+
+def test_listen_fds_follows_the_sd_listen_fds_protocol(monkeypatch):
+    monkeypatch.setenv("LISTEN_FDS", "1")
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid() + 1))  # meant for another process
+    assert listen_fds() == []
+    assert "LISTEN_FDS" not in os.environ and "LISTEN_PID" not in os.environ  # not passed on
+    assert listen_fds() == []  # nothing set: bind as usual
+
+
+def test_restart_with_a_socket_held_by_systemd_refuses_nothing_and_cut_streams_say_so(
+        fake_node, tmp_path):
+    """What a socket unit gives: the old process drains, the next one takes the same socket.
+
+    The test holds the listening socket as systemd does. A stream that outlives
+    ``drainSeconds`` ends with one error line in its own format (NDJSON, and an SSE error
+    frame on /v1); a connection made while the old process drains waits in the socket's queue
+    and is served by the next process.
+    """
+    node = fake_node(["m"], decode_tps=20, tokens=400)  # 20 s streams: longer than the drain
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    port = listener.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "server": {"host": "127.0.0.1", "port": port, "drainSeconds": 1},
+        "nodes": [{"id": "n0", "url": node.url}]}))
+    procs = [ActivatedProc(config, listener)]
+    try:
+        assert procs[0].started["socket"] == "systemd" and procs[0].started["port"] == port
+        ndjson = requests.post(f"{url}/api/generate", json={"model": "m", "prompt": "x"},
+                               stream=True, timeout=30).iter_lines()
+        sse = requests.post(f"{url}/v1/chat/completions", stream=True, timeout=30, json={
+            "model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]},
+        ).iter_lines()
+        assert json.loads(next(ndjson))["done"] is False
+        assert next(sse).startswith(b"data: {")
+        procs[0].p.send_signal(signal.SIGTERM)
+        procs[0].wait_for("stopping")
+        queued = gevent.spawn(requests.get, f"{url}/api/version", timeout=30)
+
+        rest = [json.loads(line) for line in ndjson if line]
+        assert rest[-1] == {"error": CUT_REASON} and not any(r.get("done") for r in rest[:-1])
+        frames = [line for line in sse if line]
+        assert json.loads(frames[-1].removeprefix(b"data: "))["error"]["message"] == CUT_REASON
+        assert procs[0].p.wait(timeout=15) == EXIT_STREAMS_CUT
+        stopped = procs[0].wait_for("stopped")
+        assert stopped["cut_streams"] == 2 and stopped["exit_status"] == EXIT_STREAMS_CUT
+
+        procs.append(ActivatedProc(config, listener))  # what systemd starts next
+        assert queued.get(timeout=30).json()["version"]  # waited in the queue, not refused
+        reply = requests.post(f"{url}/api/generate", timeout=30,
+                              json={"model": "m", "prompt": "x", "stream": False,
+                                    "options": {"num_predict": 2}})
+        assert reply.json()["done"] is True
+        procs[1].p.send_signal(signal.SIGTERM)
+        assert procs[1].wait_for("stopped")["cut_requests"] == 0
+        assert procs[1].stop() == 0  # nothing in flight: nothing cut
+    finally:
+        for proc in procs:
+            proc.stop()
+        listener.close()
