@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
                       "reset-mid-stream, error-mid-stream, 500, 503, malformed, flap, refuse")
     fake.add_argument("--fault-api", action="store_true",
                       help="serve the /_fake/stats and /_fake/fault control routes (off: 404)")
+    fake.add_argument("--library", help="comma-separated models the registry has for pulls "
+                      "(default: any validly named model)")
+    fake.add_argument("--pull-mbps", type=float, help="pull/push transfer rate in MB/s")
     demo = sub.add_parser("demo", help="the appliance in front of three simulated nodes")
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--profile", choices=("realistic", "fast"), default="realistic")
@@ -61,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         serve_forever([m for m in args.models.split(",") if m], args.port, args.host,
                       args.profile, args.fail, fault_api=args.fault_api,
+                      library=args.library.split(",") if args.library else None,
+                      pull_bps=args.pull_mbps * 1e6 if args.pull_mbps is not None else None,
                       num_parallel=args.num_parallel,
                       decode_tps=args.tokens_per_second, load_s=args.load_seconds,
                       max_loaded=args.max_loaded_models, max_queue=args.max_queue,

@@ -7,14 +7,17 @@ from the appliance (no shared code) and follow the reference's shapes itself.
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import re
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import gevent
+import ollama
 import openai
 import pytest
 import requests
@@ -335,3 +338,241 @@ def test_every_api_waits_for_the_cold_load_and_shares_the_parallel_slots(fake_no
     assert node.stats.loads == 1  # one cold load, the second request waited for it
     assert node.stats.max_active == 1  # one slot: the second stream queued behind the first
     assert min(firsts) >= 0.3  # no first byte before the model was loaded
+
+
+# --- model management with the official client ---------------------------------------------------
+
+LIBRARY = ["llama3.2", "all-minilm", "qwen2.5:0.5b"]
+
+
+def _layers(progress) -> dict[str, list]:
+    """Per-digest progress lines of a pull or push, in order."""
+    out: dict[str, list] = {}
+    for p in progress:
+        if p.digest:
+            out.setdefault(p.digest, []).append(p)
+    return out
+
+
+def test_pull_streams_monotonic_progress_per_layer_then_success(fake_node):
+    node = fake_node(["m"], library=LIBRARY)
+    client = ollama.Client(host=node.url)
+    progress = list(client.pull("llama3.2", stream=True))
+    assert progress[0].status == "pulling manifest"
+    assert [p.status for p in progress[-3:]] == ["verifying sha256 digest", "writing manifest",
+                                                 "success"]
+    layers = _layers(progress)
+    assert len(layers) == 6  # weights, template, two licenses, params, and the config
+    for digest, lines in layers.items():
+        assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest)
+        assert {p.status for p in lines} == {f"pulling {digest[7:19]}"}
+        assert len({p.total for p in lines}) == 1 and lines[0].total > 0
+        done = [p.completed for p in lines if p.completed is not None]
+        assert done == sorted(done) and done[-1] == lines[0].total
+    weights = max(layers.values(), key=lambda lines: lines[0].total)
+    assert len(weights) > 10  # a 2 GB layer reports its progress as it goes
+    listed = {m.model: m for m in client.list().models}["llama3.2:latest"]
+    assert listed.size == sum(lines[0].total for lines in layers.values())
+    for digest in layers:  # the pulled layers are blobs on the node now
+        assert requests.head(f"{node.url}/api/blobs/{digest}", timeout=5).status_code == 200
+    assert client.pull("all-minilm").status == "success"  # stream=False: the last status
+    assert client.show("all-minilm").capabilities == ["embedding"]
+
+
+def test_pull_of_a_model_the_node_has_skips_every_layer(fake_node):
+    node = fake_node(["llama3.2"], library=LIBRARY)
+    progress = list(ollama.Client(host=node.url).pull("llama3.2", stream=True))
+    for lines in _layers(progress).values():
+        assert [(p.completed, p.total) for p in lines] == [(lines[0].total, lines[0].total)]
+    assert progress[-1].status == "success"
+
+
+def test_pull_of_an_unknown_model_fails_as_ollama_does(fake_node):
+    node = fake_node(["m"], library=LIBRARY)
+    client = ollama.Client(host=node.url)
+    with pytest.raises(ollama.ResponseError) as streamed:
+        list(client.pull("no-such-model", stream=True))
+    assert streamed.value.error == "pull model manifest: file does not exist"
+    assert streamed.value.status_code == -1  # an error line inside a 200 stream
+    r = requests.post(f"{node.url}/api/pull", json={"model": "no-such-model"}, timeout=5)
+    assert r.status_code == 200
+    assert [json.loads(x) for x in r.text.splitlines()] == [
+        {"status": "pulling manifest"}, {"error": "pull model manifest: file does not exist"}]
+    with pytest.raises(ollama.ResponseError) as whole:
+        client.pull("no-such-model")
+    assert whole.value.status_code == 500
+    bad = requests.post(f"{node.url}/api/pull", json={"model": "bad name!"}, timeout=5)
+    assert (bad.status_code, bad.json()) == (400, {"error": "invalid model name"})
+    assert not node.node.sim.has("no-such-model")
+
+
+def test_pull_takes_the_time_the_profiles_rate_gives(fake_node):
+    node = fake_node(["m"], library=LIBRARY, pull_bps=20e9)  # ~2 GB: at least 0.1 s
+    t0 = time.monotonic()
+    assert ollama.Client(host=node.url).pull("llama3.2").status == "success"
+    assert time.monotonic() - t0 >= 0.1
+
+
+def test_push_streams_per_layer_progress(fake_node):
+    node = fake_node(["m"])
+    client = ollama.Client(host=node.url)
+    progress = list(client.push("m", stream=True))
+    assert progress[0].status == "retrieving manifest"
+    assert [p.status for p in progress[-2:]] == ["pushing manifest", "success"]
+    for digest, lines in _layers(progress).items():
+        assert {p.status for p in lines} == {f"pushing {digest[7:19]}"}
+        assert [p.completed for p in lines if p.completed][-1] == lines[0].total
+    with pytest.raises(ollama.ResponseError) as missing:
+        client.push("ghost")
+    assert missing.value.status_code == 404
+
+
+def test_create_from_an_installed_model_adds_a_system_layer(fake_node):
+    node = fake_node(["m"])
+    client = ollama.Client(host=node.url)
+    statuses = [p.status for p in client.create(model="brief", from_="m", system="be brief",
+                                                stream=True)]
+    system_digest = "sha256:" + hashlib.sha256(b"be brief").hexdigest()
+    assert statuses[:5] == ["using existing layer " + s.split()[-1] for s in statuses[:5]]
+    assert statuses[5:] == [f"creating new layer {system_digest}", "writing manifest",
+                            "success"]
+    again = [p.status for p in client.create(model="brief2", from_="m", system="be brief",
+                                             stream=True)]
+    assert f"using existing layer {system_digest}" in again
+    listed = {m.model: m.digest for m in client.list().models}
+    assert listed["brief:latest"] != listed["m:latest"]  # a new manifest
+    assert 'SYSTEM """be brief"""' in client.show("brief").modelfile
+    assert client.generate(model="brief", prompt="hi").done
+
+
+def test_create_from_a_library_model_pulls_it_first(fake_node):
+    node = fake_node(["m"], library=LIBRARY)
+    client = ollama.Client(host=node.url)
+    statuses = [p.status for p in client.create(model="tiny", from_="qwen2.5:0.5b",
+                                                stream=True)]
+    assert statuses[0] == "pulling manifest"
+    pulled = statuses.index("success")  # the pull's own end, ahead of create's lines
+    assert pulled < len(statuses) - 1 and statuses[pulled - 1] == "writing manifest"
+    assert statuses[pulled + 1].startswith("using existing layer sha256:")
+    assert statuses[-2:] == ["writing manifest", "success"]
+    assert node.node.sim.has("qwen2.5:0.5b") and node.node.sim.has("tiny")
+    with pytest.raises(ollama.ResponseError, match="file does not exist"):
+        client.create(model="other", from_="not-in-the-library")
+
+
+def test_create_from_uploaded_gguf_files(fake_node, tmp_path):
+    node = fake_node(["m"])
+    client = ollama.Client(host=node.url)
+    weights = tmp_path / "model.gguf"
+    weights.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    digest = client.create_blob(weights)
+    assert requests.head(f"{node.url}/api/blobs/{digest}", timeout=5).status_code == 200
+    statuses = [p.status for p in client.create(model="local", files={"model.gguf": digest},
+                                                stream=True)]
+    assert statuses == ["parsing GGUF", f"using existing layer {digest}", "writing manifest",
+                        "success"]
+    assert client.generate(model="local", prompt="hi").done
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"not weights")
+    with pytest.raises(ollama.ResponseError, match="not in GGUF format") as not_gguf:
+        client.create(model="bad", files={"notes.txt": client.create_blob(notes)})
+    assert not_gguf.value.status_code == 400
+    missing = "sha256:" + "0" * 64
+    with pytest.raises(ollama.ResponseError, match="no such file") as absent:
+        client.create(model="bad", files={"model.gguf": missing})
+    assert absent.value.status_code == 400
+    r = requests.post(f"{node.url}/api/create", json={"model": "bad"}, timeout=5)
+    assert (r.status_code, r.json()) == (400, {"error": "neither 'from' or 'files' was "
+                                                        "specified"})
+
+
+def test_copy_and_delete_keep_the_digest_and_prune_blobs(fake_node):
+    node = fake_node(["m"])
+    client = ollama.Client(host=node.url)
+    client.copy("m", "m-copy")
+    listed = {m.model: m.digest for m in client.list().models}
+    assert listed["m-copy:latest"] == listed["m:latest"]  # the same manifest
+    client.create(model="brief", from_="m", system="be brief")
+    system_blob = "sha256:" + hashlib.sha256(b"be brief").hexdigest()
+    assert system_blob in node.node.blobs
+    assert client.delete("brief").status == "success"
+    assert system_blob not in node.node.blobs  # only brief used it
+    assert client.delete("m-copy").status == "success"
+    assert {m.model for m in client.list().models} == {"m:latest"}
+    with pytest.raises(ollama.ResponseError) as gone:
+        client.delete("m-copy")
+    assert (gone.value.status_code, gone.value.error) == (404, "model 'm-copy' not found")
+    with pytest.raises(ollama.ResponseError) as ghost:
+        client.copy("ghost", "g2")
+    assert (ghost.value.status_code, ghost.value.error) == (404, 'model "ghost" not found')
+    with pytest.raises(ollama.ResponseError) as bad:
+        client.copy("m", "bad name")
+    assert (bad.value.status_code, bad.value.error) == (400, 'destination "bad name" is invalid')
+
+
+def test_an_empty_prompt_loads_and_keep_alive_zero_unloads(fake_node):
+    node = fake_node(["m", "n"])
+    client = ollama.Client(host=node.url)
+    assert client.ps().models == []
+    assert client.generate(model="m").done_reason == "load"
+    assert client.chat(model="n", messages=[], keep_alive=-1).done_reason == "load"
+    loaded = {m.model: m for m in client.ps().models}
+    assert set(loaded) == {"m:latest", "n:latest"}
+    assert loaded["n:latest"].expires_at.year > 2300  # pinned
+    assert client.generate(model="m", keep_alive=0).done_reason == "unload"
+    assert [m.model for m in client.ps().models] == ["n:latest"]
+    assert client.chat(model="n", messages=[], keep_alive=0).done_reason == "unload"
+    assert client.ps().models == [] and node.stats.loads == 2
+
+
+# --- blob uploads -------------------------------------------------------------------------------
+
+def test_a_200_mb_blob_is_hashed_as_it_arrives_never_held_whole(fake_node, tmp_path):
+    node = fake_node(["m"])
+    big = tmp_path / "big.gguf"
+    with big.open("wb") as f:  # sparse: 200 MiB without writing them
+        f.write(b"GGUF")
+        f.truncate(200 * 1024 * 1024)
+    client = ollama.Client(host=node.url)
+    tracemalloc.start()
+    try:
+        digest = client.create_blob(big)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * 1024 * 1024, f"peak {peak} bytes"
+    assert node.node.blobs[digest].size == 200 * 1024 * 1024
+    assert requests.head(f"{node.url}/api/blobs/{digest}", timeout=5).status_code == 200
+
+
+def test_blob_uploads_answer_201_200_and_400_as_ollama_does(fake_node):
+    node = fake_node(["m"])
+    data = b"GGUF small"
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    url = f"{node.url}/api/blobs/{digest}"
+    assert requests.head(url, timeout=5).status_code == 404
+    created = requests.post(url, data=data, timeout=5)
+    assert (created.status_code, created.content) == (201, b"")
+    assert requests.post(url, data=data, timeout=5).status_code == 200
+    assert requests.post(url, data=b"anything", timeout=5).status_code == 200  # not read
+    dashed = url.replace("sha256:", "sha256-")
+    assert requests.head(dashed, timeout=5).status_code == 200  # either spelling
+    other = "sha256:" + hashlib.sha256(b"x").hexdigest()
+    bad = requests.post(f"{node.url}/api/blobs/{other}", data=data, timeout=5)
+    assert bad.status_code == 400
+    assert bad.json() == {"error": f'digest mismatch, expected "{other}", got "{digest}"'}
+    assert other not in node.node.blobs
+    wrong = requests.post(f"{node.url}/api/blobs/sha256:xyz", data=data, timeout=5)
+    assert (wrong.status_code, wrong.json()) == (400, {"error": "invalid digest format"})
+
+
+def test_fake_node_command_pulls_only_what_its_library_has():
+    p, url = _start_command("--library", "llama3.2", "--pull-mbps", "1000000")
+    try:
+        client = ollama.Client(host=url)
+        assert client.pull("llama3.2").status == "success"
+        with pytest.raises(ollama.ResponseError, match="file does not exist"):
+            client.pull("mistral")
+    finally:
+        p.terminate()
+        p.wait(timeout=10)

@@ -7,7 +7,6 @@ for a missing or unknown model.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,6 +15,7 @@ from app.fakenode import names
 from app.fakenode.engine import Engine
 from app.fakenode.router import Route, Router
 from app.fakenode.sim import Loaded, Simulator, embedding_for
+from app.fakenode.store import Model, library_manifest
 from app.fakenode.wire import (
     JSON,
     NDJSON,
@@ -69,21 +69,24 @@ class NativeAPI:
     def version_reply(self, call: Call) -> Reply:
         return json_reply(call.start_response, 200, {"version": self.version()})
 
-    def entry(self, key: str) -> dict[str, Any]:
-        name = self.sim.installed[key]
-        digest = hashlib.sha256(key.encode()).hexdigest()
-        return {"name": name, "model": name, "modified_at": local_time(self.sim.modified[key]),
-                "size": 2019393189, "digest": digest, "details": details(name)}
+    @staticmethod
+    def entry(model: Model) -> dict[str, Any]:
+        return {"name": model.name, "model": model.name,
+                "modified_at": local_time(model.modified), "size": model.manifest.size,
+                "digest": model.manifest.digest, "details": details(model.name)}
 
     def tags(self, call: Call) -> Reply:
-        keys = sorted(self.sim.installed, key=lambda k: -self.sim.modified[k])
-        return json_reply(call.start_response, 200, {"models": [self.entry(k) for k in keys]})
+        models = sorted(self.sim.installed.values(), key=lambda m: -m.modified)
+        return json_reply(call.start_response, 200, {"models": [self.entry(m) for m in models]})
 
     def ps(self, call: Call) -> Reply:
         self.sim.expire()
         out = []
         for key, runner in self.sim.loaded.items():
-            entry = self.entry(key)
+            # a model deleted while loaded stays resident, as its runner does in Ollama
+            model = self.sim.installed.get(key) or Model(runner.name,
+                                                         library_manifest(runner.name), 0.0)
+            entry = self.entry(model)
             entry.pop("modified_at")
             expires = time.time() + runner.keep_alive_s if runner.busy else runner.expires_at
             entry.update(expires_at=local_time(expires), size_vram=entry["size"],
@@ -93,16 +96,21 @@ class NativeAPI:
         return json_reply(call.start_response, 200, {"models": out})
 
     def show(self, call: Call) -> Reply:
-        model = self.engine.model(call.body, missing_404=False, fallback_name=True)
-        caps = ["embedding"] if self.sim.is_embedding(model) else ["completion"]
-        return json_reply(call.start_response, 200, {
-            "license": "", "modelfile": f"FROM {names.short(model)}\n",
+        name = self.engine.model(call.body, missing_404=False, fallback_name=True)
+        model = self.sim.installed[names.key(name)]
+        caps = ["embedding"] if model.embedding else ["completion"]
+        modelfile = f"FROM {names.short(model.parent or name)}\n"
+        reply = {
+            "license": "", "modelfile": modelfile + (f'SYSTEM """{model.system}"""\n'
+                                                     if model.system else ""),
             "parameters": "stop \"<|eot_id|>\"", "template": "{{ .Prompt }}",
-            "details": details(model),
+            "details": details(name),
             "model_info": {"general.architecture": "llama", "general.parameter_count": 3212749888,
                            "llama.context_length": 131072},
-            "capabilities": caps,
-            "modified_at": local_time(self.sim.modified[names.key(model)])})
+            "capabilities": caps, "modified_at": local_time(model.modified)}
+        if model.system:
+            reply["system"] = model.system
+        return json_reply(call.start_response, 200, reply)
 
     # --- generation -----------------------------------------------------------------------------
 

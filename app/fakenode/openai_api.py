@@ -145,8 +145,8 @@ class OpenAIAPI:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     def models(self, call: Call) -> Reply:
-        data = [{"id": name, "object": "model", "created": int(self.sim.modified[k]),
-                 "owned_by": names.namespace_of(name)} for k, name in self.sim.installed.items()]
+        data = [{"id": m.name, "object": "model", "created": int(m.modified),
+                 "owned_by": names.namespace_of(m.name)} for m in self.sim.installed.values()]
         return json_reply(call.start_response, 200, {"object": "list", "data": data})
 
     def model(self, call: Call) -> Reply:
@@ -154,6 +154,7 @@ class OpenAIAPI:
         if not self.sim.has(name):
             return json_reply(call.start_response, 404,
                               openai_error(404, f"model '{name}' not found"))
+        created = int(self.sim.installed[names.key(name)].modified)
         return json_reply(call.start_response, 200, {
-            "id": name, "object": "model", "created": int(self.sim.modified[names.key(name)]),
+            "id": name, "object": "model", "created": created,
             "owned_by": names.namespace_of(name)})

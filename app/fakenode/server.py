@@ -87,13 +87,14 @@ class FakeNodeServer:
 
 def serve_forever(models: list[str], port: int, host: str = "127.0.0.1",
                   profile: str = "realistic", fault: str = "none", fault_api: bool = False,
-                  **overrides: Any) -> None:
-    """The ``ollama-lb fake-node`` command (``--fault-api`` turns on the /_fake/* routes)."""
+                  library: list[str] | None = None, **overrides: Any) -> None:
+    """The ``ollama-lb fake-node`` command (``--fault-api`` turns on the /_fake/* routes;
+    ``--library`` limits what pulls find)."""
     import gevent
 
     prof = make_profile(profile, **overrides)
     server = FakeNodeServer(models, prof, host=host, port=port, fault=fault,
-                            fault_api=fault_api)
+                            fault_api=fault_api, library=library)
     if fault == "refuse":
         print(f"fake node on {host}:{port} refusing connections (--fail refuse)", flush=True)
         gevent.wait()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -22,6 +22,7 @@ from gevent.event import Event
 from gevent.lock import BoundedSemaphore, Semaphore
 
 from app.fakenode import names
+from app.fakenode.store import Blob, Library, Manifest, Model, is_embedding_name, library_manifest
 
 WORDS = ("the", "sky", "is", "blue", "because", "of", "rayleigh", "scattering", "light",
          "from", "sun", "hits", "air", "molecules", "and", "shorter", "waves", "spread",
@@ -41,12 +42,13 @@ class Profile:
     max_queue: int = 512  # OLLAMA_MAX_QUEUE
     keep_alive_s: float = 300.0  # OLLAMA_KEEP_ALIVE 5m
     tokens: int = 24  # reply length when num_predict is not given
+    pull_bps: float = 100e6  # registry download (and push upload) bytes per second
 
 
 PROFILES = {
     "realistic": Profile(),
     "fast": Profile(load_s=0.0, prefill_tps=0.0, decode_tps=0.0, embed_s=0.0, num_parallel=64,
-                    max_loaded=64, tokens=8),
+                    max_loaded=64, tokens=8, pull_bps=0.0),
 }
 
 
@@ -120,21 +122,57 @@ def prompt_tokens(text: str) -> int:
 class Simulator:
     """A node's models and scheduler. All waiting is gevent-cooperative."""
 
-    def __init__(self, models: list[str], profile: Profile) -> None:
+    def __init__(self, models: list[str], profile: Profile,
+                 library: Iterable[str] | None = None) -> None:
         self.profile = profile
-        self.installed: dict[str, str] = {names.key(m): names.short(m) for m in models}
+        self.library = Library(library)
+        self.installed: dict[str, Model] = {}  # by names.key
+        self.blobs: dict[str, Blob] = {}  # by "sha256:<hex>"
         self.loaded: dict[str, Loaded] = {}
         self._load_lock = Semaphore(1)  # the scheduler loads one model at a time
         self._scheduling = 0  # requests waiting for a load (bounded by max_queue)
         self.stats = Stats()
-        self.modified = {c: time.time() - i * 3600 for i, c in enumerate(self.installed)}
+        for i, name in enumerate(models):  # installed before start, newest first
+            manifest = library_manifest(name)
+            self.install(name, manifest, is_embedding_name(name), modified=time.time() - i * 3600)
+            self.blobs.update({b.digest: Blob(b.size) for b in manifest.blobs})
 
     def has(self, model: str) -> bool:
         return names.key(model) in self.installed
 
+    def get(self, model: str) -> Model | None:
+        return self.installed.get(names.key(model))
+
     def is_embedding(self, model: str) -> bool:
-        name = names.key(model)
-        return "embed" in name or "minilm" in name
+        found = self.get(model)
+        return found.embedding if found else is_embedding_name(model)
+
+    # --- the model store ------------------------------------------------------------------------
+
+    def install(self, name: str, manifest: Manifest, embedding: bool, system: str = "",
+                parent: str = "", modified: float | None = None) -> list[str]:
+        """Write a model's manifest; returns the digests its old manifest alone used."""
+        key = names.key(name)
+        old = self.installed.get(key)
+        self.installed[key] = Model(names.short(name), manifest,
+                                    time.time() if modified is None else modified,
+                                    embedding, system, parent)
+        return self._prune(old.manifest) if old else []
+
+    def remove(self, name: str) -> None:
+        """Delete a model and the blobs no other model uses (Ollama prunes on delete)."""
+        old = self.installed.pop(names.key(name), None)
+        self.unload(name)
+        if old:
+            self._prune(old.manifest)
+
+    def _prune(self, manifest: Manifest) -> list[str]:
+        used = {b.digest for m in self.installed.values() for b in m.manifest.blobs}
+        gone = [b.digest for b in manifest.blobs if b.digest not in used and b.digest in
+                self.blobs]
+        for digest in gone:
+            del self.blobs[digest]
+        return gone
 
     # --- scheduling ---------------------------------------------------------------------------
 
@@ -154,8 +192,7 @@ class Simulator:
                 t0 = time.monotonic()
                 runner.ready.wait()
                 return runner, time.monotonic() - t0
-            if keep_alive_s is not None:
-                runner.keep_alive_s = keep_alive_s
+            self._keep(runner, keep_alive_s)
             return runner, 0.001
         if self._scheduling >= self.profile.max_queue:
             raise ServerBusy()
@@ -167,7 +204,7 @@ class Simulator:
                 if runner is None:
                     self._make_room()
                     # listed in /api/ps while it loads, as Ollama lists a loading model
-                    runner = Loaded(self.installed[key],
+                    runner = Loaded(self.installed[key].name,
                                     BoundedSemaphore(self.profile.num_parallel),
                                     keep_alive_s=self.profile.keep_alive_s)
                     runner.expires_at = time.time() + runner.keep_alive_s
@@ -182,8 +219,7 @@ class Simulator:
                     self.stats.loads += 1
         finally:
             self._scheduling -= 1
-        if keep_alive_s is not None:
-            runner.keep_alive_s = keep_alive_s
+        self._keep(runner, keep_alive_s)
         return runner, time.monotonic() - t0
 
     def _make_room(self) -> None:
@@ -209,8 +245,21 @@ class Simulator:
         if runner.keep_alive_s == 0 and runner.busy == 0:
             self.loaded = {k: r for k, r in self.loaded.items() if r is not runner}
         else:
-            runner.expires_at = time.time() + (runner.keep_alive_s if runner.keep_alive_s >= 0
-                                               else 292 * 365 * 86400)
+            self._arm(runner)
+
+    def _keep(self, runner: Loaded, keep_alive_s: float | None) -> None:
+        """The last request's keep_alive wins; an idle runner's timer restarts with it
+        (a preload with keep_alive -1 is pinned at once, as /api/ps then shows)."""
+        if keep_alive_s is not None:
+            runner.keep_alive_s = keep_alive_s
+            if runner.busy == 0:
+                self._arm(runner)
+
+    @staticmethod
+    def _arm(runner: Loaded) -> None:
+        forever = 292 * 365 * 86400  # Go's maximum duration, as Ollama shows a pinned model
+        runner.expires_at = time.time() + (runner.keep_alive_s if runner.keep_alive_s >= 0
+                                           else forever)
 
     # --- generation ---------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from app.fakenode.anthropic_api import MessagesAPI
+from app.fakenode.blobs import BlobsAPI
 from app.fakenode.control import ControlAPI
 from app.fakenode.engine import Engine
 from app.fakenode.faults import FAULTS, FaultLayer, FaultSwitch
@@ -21,6 +22,7 @@ from app.fakenode.openai_api import OpenAIAPI
 from app.fakenode.responses import ResponsesAPI
 from app.fakenode.router import Dispatch, Router, Routing
 from app.fakenode.sim import Profile, Simulator, Stats
+from app.fakenode.store import Blob
 from app.fakenode.wire import StartResponse
 
 __all__ = ["FAULTS", "FakeNode"]
@@ -31,13 +33,14 @@ class FakeNode:
 
     ``fault_api=True`` adds the HTTP control routes (``/_fake/stats``, ``/_fake/fault``);
     without it they answer 404 like any path Ollama does not serve, and faults are set only
-    in-process with ``set_fault``.
+    in-process with ``set_fault``. ``library`` lists the models the registry has for pulls
+    (None: every validly named model).
     """
 
     def __init__(self, models: Iterable[str], profile: Profile, version: str = "0.12.6",
-                 fault: str = "none", flap_period: float = 2.0, fault_api: bool = False
-                 ) -> None:
-        self.sim = Simulator(list(models), profile)
+                 fault: str = "none", flap_period: float = 2.0, fault_api: bool = False,
+                 library: Iterable[str] | None = None) -> None:
+        self.sim = Simulator(list(models), profile, library)
         self.version = version
         self.faults = FaultSwitch(fault, flap_period)
         self.router = Router()
@@ -46,8 +49,8 @@ class FakeNode:
         OpenAIAPI(engine).register(self.router)
         ResponsesAPI(engine).register(self.router)
         MessagesAPI(engine).register(self.router)
-        self.manage = ManageAPI(engine)
-        self.manage.register(self.router)
+        ManageAPI(engine).register(self.router)
+        BlobsAPI(self.sim).register(self.router)
         self.fault_api = fault_api
         if fault_api:  # off by default: a real Ollama has no /_fake/* routes
             ControlAPI(self.sim, self.faults).register(self.router)
@@ -76,8 +79,9 @@ class FakeNode:
         self.faults.flap_period = seconds
 
     @property
-    def blobs(self) -> set[str]:
-        return self.manage.blobs
+    def blobs(self) -> dict[str, Blob]:
+        """The blobs the node has, by ``sha256:<hex>`` (sizes and first bytes, not data)."""
+        return self.sim.blobs
 
     def set_fault(self, mode: str, count: int | None = None) -> None:
         """Switch the fault mode in-process; ``count`` limits it to that many requests."""
