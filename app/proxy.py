@@ -14,9 +14,11 @@ from flask import Blueprint, Response, current_app, request
 
 from app.clientwatch import watching
 from app.errors import error_response, json_response, openai_error, plain
+from pipeline.endpoints import endpoint_for
 from pipeline.errors import ErrorCode, PipelineError
 from pipeline.factory import PipelineFactory
 from pipeline.request import InferenceRequest, StreamHandle, new_request_id
+from pipeline.validation import OFF_HUB_BYTES, BadRequest, Facts, inspect_off_hub
 
 bp = Blueprint("ollama", __name__)
 
@@ -48,11 +50,12 @@ def _read_body() -> bytes:
     return body
 
 
-def _submit(path: str, body: bytes, method: str = "POST", model: str | None = None) -> Response:
+def _submit(path: str, body: bytes, method: str = "POST", model: str | None = None,
+            facts: Facts | None = None) -> Response:
     rid = request_id()
     headers = tuple((h, request.headers[h]) for h in FORWARDED if h in request.headers)
     req = InferenceRequest(path=path, body=body, method=method, model=model, headers=headers,
-                           request_id=rid, client=request.remote_addr or "",
+                           request_id=rid, client=request.remote_addr or "", facts=facts,
                            correlation_id=request.headers.get("X-Correlation-ID"))
     try:
         ticket = factory().pipeline.submit(req)
@@ -82,9 +85,21 @@ def _relay(handle: StreamHandle) -> Iterator[bytes]:
 def model_routed() -> Response:
     try:
         body = _read_body()
+        facts = _large_body_facts(request.path, body)
     except PipelineError as err:
         return error_response(err, request.path)
-    return _submit(request.path, body)
+    return _submit(request.path, body, facts=facts)
+
+
+def _large_body_facts(path: str, body: bytes) -> Facts | None:
+    """A large body is parsed here, off the hub, so the ring's stages never stall on it."""
+    ep = endpoint_for(path)
+    if ep is None or len(body) < OFF_HUB_BYTES:
+        return None
+    try:
+        return inspect_off_hub(ep, body)
+    except BadRequest as exc:
+        raise PipelineError(ErrorCode.INVALID_REQUEST, str(exc)) from None
 
 
 for _path in MODEL_ROUTED:

@@ -23,7 +23,7 @@ from pipeline.registry import NodeRegistry
 from pipeline.routing import Router
 from pipeline.scheduler import Scheduler
 from pipeline.slot import Slot
-from pipeline.validation import BadRequest, is_unload, parse_body, prompt_length, read_facts
+from pipeline.validation import BadRequest, inspect
 
 log = logging.getLogger("ollama_lb.pipeline")
 
@@ -76,20 +76,16 @@ class Admission:
             raw, stream = req.model, False
         else:
             try:
-                payload = parse_body(ep, req.body)
-                facts = read_facts(ep, payload)
+                facts = req.facts or inspect(ep, req.body)
             except BadRequest as exc:
                 slot.error = PipelineError(ErrorCode.INVALID_REQUEST, str(exc))
                 return
-            raw = facts.get("model") or (facts.get("name") if ep.name_fallback else None) or ""
-            stream = bool(facts.get("stream", ep.stream_default)
-                          if facts.get("stream") is not None else ep.stream_default)
-            stream = stream and ep.can_stream
-            slot.fanout = ep.unloads and is_unload(payload)
+            raw, stream, slot.fanout = facts.model_raw, facts.stream, facts.unload
             limit = self.settings().validation.maxPromptLength
-            if raw and (n := prompt_length(payload)) > limit:
-                slot.error = PipelineError(ErrorCode.VALIDATION, f"prompt is too long: {n} "
-                                           f"characters, the limit is {limit}")
+            if facts.prompt_chars > limit:
+                slot.error = PipelineError(ErrorCode.VALIDATION, f"prompt is too long: "
+                                           f"{facts.prompt_chars} characters, the limit is "
+                                           f"{limit}")
                 return
         if not raw:
             slot.error = (PipelineError(ErrorCode.MODEL_NOT_FOUND, "model '' not found")
@@ -158,8 +154,10 @@ class Admission:
             return
         if slot.fanout:
             self.dispatcher.fan_out(slot.ticket)
+            slot.handed_off = True
         elif slot.lease is not None:
             self.dispatcher.start(slot.ticket, slot.lease)
+            slot.handed_off = True
 
     def metrics_stage(self, slot: Slot) -> None:
         if slot.error is not None:

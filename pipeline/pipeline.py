@@ -160,6 +160,25 @@ class Pipeline:
         self.accepting = False
         log.critical("pipeline stage crashed", extra={"event": "stage_crashed",
                                                       "stage": stage.name, "error": repr(exc)})
+        self._fail_stranded(stage)
+
+    def _fail_stranded(self, crashed: Stage[Slot]) -> None:
+        """Answer at once every request the dead stage would have carried on.
+
+        Slots past the crashed stage's sequence will never move again. Those already handed
+        to the scheduler (queued) or the dispatcher are answered there; every other one is
+        failed now with the crash as its error, and any lease it holds is given back.
+        """
+        error = PipelineError(ErrorCode.INTERNAL, self.crashed or "a pipeline stage crashed")
+        for seq in range(crashed.sequence.value + 1, self.ring.cursor.value + 1):
+            slot = self.ring.get(seq)
+            ticket = slot.ticket
+            if ticket is None or slot.queued or slot.handed_off or ticket.finished:
+                continue
+            if slot.lease is not None:
+                self.registry.release(slot.lease)
+                slot.lease = None
+            self.ledger.finish(ticket, error.code.value, error=slot.error or error)
 
     # --- the producer -------------------------------------------------------------------------
 

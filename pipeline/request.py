@@ -37,6 +37,7 @@ class InferenceRequest:
     correlation_id: str | None = None  # the client's X-Correlation-ID, logged as is
     client: str = "library"
     timeout_s: float | None = None  # overrides timeouts.requestTimeoutMs
+    facts: Any = None  # pipeline.validation.Facts when the caller parsed the body already
 
     @classmethod
     def of_prompt(

@@ -17,8 +17,8 @@ from pipeline.request import InferenceRequest, Ticket
 
 
 class Slot:
-    __slots__ = ("endpoint", "error", "fanout", "lease", "model", "model_raw", "node", "payload",
-                 "queued", "request", "stream", "ticket")
+    __slots__ = ("endpoint", "error", "fanout", "handed_off", "lease", "model", "model_raw",
+                 "node", "payload", "queued", "request", "stream", "ticket")
 
     def __init__(self) -> None:
         self.reset()
@@ -43,6 +43,8 @@ class Slot:
         self.lease: Lease | None = None
         #: True once the request waits for node capacity outside the ring
         self.queued: bool = False
+        #: True once dispatch has started the call: the dispatcher answers the request now
+        self.handed_off: bool = False
         #: True for an unload (keep_alive 0, nothing to generate): sent to every node
         self.fanout: bool = False
         #: the first error any stage recorded; later stages skip the slot

@@ -9,8 +9,13 @@ needs are read; the body itself is forwarded untouched.
 from __future__ import annotations
 
 import json
+import json.decoder
+import json.scanner
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import gevent
 from marshmallow import EXCLUDE, Schema, ValidationError
 from marshmallow import fields as f
 
@@ -81,12 +86,70 @@ class BadRequest(ValueError):
     """The body is not what Ollama would accept; the message is Ollama's wording."""
 
 
-def parse_body(endpoint: Endpoint, body: bytes) -> dict[str, Any]:
+#: bodies at least this large are parsed off the hub (see ``inspect_off_hub``)
+OFF_HUB_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What routing needs from a body; the body itself is forwarded untouched."""
+
+    model_raw: str  # the model as the client wrote it ("" if none)
+    stream: bool
+    unload: bool  # empty prompt with keep_alive 0: sent to every node with the model
+    prompt_chars: int
+
+
+def inspect(endpoint: Endpoint, body: bytes,
+            loads: Callable[[bytes], Any] = json.loads) -> Facts:
+    """Parse and check a body once; raises BadRequest in Ollama's words."""
+    payload = parse_body(endpoint, body, loads)
+    facts = read_facts(endpoint, payload)
+    raw = facts.get("model") or (facts.get("name") if endpoint.name_fallback else None) or ""
+    stream = facts.get("stream")
+    stream = (endpoint.stream_default if stream is None else bool(stream)) and endpoint.can_stream
+    return Facts(raw, stream, endpoint.unloads and is_unload(payload),
+                 prompt_length(payload) if raw else 0)
+
+
+def _python_loads() -> Callable[[bytes], Any]:
+    """json.loads on the pure-Python scanner: slower, but it runs bytecode, so a thread
+    running it gives the GIL back to the hub every switch interval (the C scanner never does
+    until it is done)."""
+    decoder = json.JSONDecoder()
+    decoder.parse_string = json.decoder.py_scanstring  # type: ignore[attr-defined]
+    decoder.scan_once = json.scanner.py_make_scanner(decoder)  # type: ignore[attr-defined]
+
+    def loads(body: bytes) -> Any:
+        text = body.decode("utf-8") if isinstance(body, bytes) else body
+        return decoder.decode(text)
+
+    return loads
+
+
+_PY_LOADS = _python_loads()
+
+
+def inspect_off_hub(endpoint: Endpoint, body: bytes) -> Facts:
+    """``inspect``, in a native thread for a large body, so other streams keep flowing.
+
+    Parsing a 40 MB body of many small objects takes most of a second of CPU; done on the hub
+    it would stall every stream for that long. Blocks only the calling greenlet.
+    """
+    if len(body) < OFF_HUB_BYTES:
+        return inspect(endpoint, body)
+    return gevent.get_hub().threadpool.apply(inspect, (endpoint, body, _PY_LOADS))
+
+
+def parse_body(endpoint: Endpoint, body: bytes,
+               loads: Callable[[bytes], Any] = json.loads) -> dict[str, Any]:
     """The body as a JSON object, with Go-worded errors for everything else."""
     if not body.strip():
         raise BadRequest("missing request body")
     try:
-        payload = json.loads(body)
+        payload = loads(body)
+    except RecursionError:
+        raise BadRequest("exceeded max depth") from None  # Go's decoder's words
     except UnicodeDecodeError:
         raise BadRequest("invalid character looking for beginning of value") from None
     except json.JSONDecodeError as exc:
@@ -134,13 +197,19 @@ def _json_error(exc: json.JSONDecodeError) -> str:
 
 
 def _text_len(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):
-        return sum(_text_len(v) for v in value)
-    if isinstance(value, dict):  # an OpenAI content part or a message
-        return _text_len(value.get("text")) + _text_len(value.get("content"))
-    return 0
+    """Characters of text in strings, lists and message/content-part dicts (no recursion:
+    a body may nest as deep as the JSON parser allows)."""
+    total, todo = 0, [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, list):
+            todo.extend(item)
+        elif isinstance(item, dict):  # an OpenAI content part or a message
+            todo.append(item.get("text"))
+            todo.append(item.get("content"))
+    return total
 
 
 def prompt_length(payload: dict[str, Any]) -> int:
