@@ -21,6 +21,7 @@ import ollama
 import openai
 import pytest
 import requests
+from gevent import socket as gsocket
 
 from app.fakenode import names
 
@@ -576,3 +577,29 @@ def test_fake_node_command_pulls_only_what_its_library_has():
     finally:
         p.terminate()
         p.wait(timeout=10)
+
+
+# --- a client that leaves -----------------------------------------------------------------------
+
+def _wait_for(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        gevent.sleep(0.02)
+    return predicate()
+
+
+@pytest.mark.parametrize("path", ["/api/generate", "/v1/responses", "/v1/messages"])
+def test_a_client_leaving_a_non_streamed_reply_cancels_the_generation(fake_node, path):
+    node = fake_node(["m"], decode_tps=10.0, tokens=100)  # 10 s of generation
+    body = {"/api/generate": {"model": "m", "prompt": "x", "stream": False},
+            "/v1/responses": {"model": "m", "input": "x"},
+            "/v1/messages": {**MESSAGES, "max_tokens": 100}}[path]
+    payload = json.dumps(body).encode()
+    sock = gsocket.create_connection((node.host, node.port))
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    assert _wait_for(lambda: node.stats.active == 1, 5)
+    sock.close()
+    assert _wait_for(lambda: node.stats.active == 0, 2)  # stopped within a token or two
+    assert node.stats.disconnects == 1
+    assert node.node.sim.loaded["registry.ollama.ai/library/m:latest"].busy == 0

@@ -14,7 +14,7 @@ from typing import Any
 import gevent
 
 from app.fakenode.sim import Loaded, Simulator, embedding_for
-from app.fakenode.sockets import reset
+from app.fakenode.sockets import peer_closed, reset
 from app.fakenode.wire import Call, HTTPError, ndjson_line, parse_keep_alive
 
 MODEL_FAILED = "an error was encountered while running the model"
@@ -113,9 +113,20 @@ class Engine:
             yield tok
 
     def collect(self, call: Call, text: str, n: int, runner: Loaded) -> list[str]:
-        """A whole reply for ``stream:false``; the slot is given back whatever happens."""
+        """A whole reply for ``stream:false``; the slot is given back whatever happens.
+
+        Nothing is written until the end, so the client leaving is watched for between
+        tokens: Ollama cancels the generation and frees the slot when its client goes.
+        """
+        watch = bool(self.sim.profile.decode_tps)  # instant decoding has nothing to cancel
+        out: list[str] = []
         try:
-            return list(self.tokens(call, text, n))
+            for tok in self.tokens(call, text, n):
+                out.append(tok)
+                if watch and peer_closed(call.socket):
+                    self.sim.stats.disconnects += 1
+                    raise HTTPError(499, "request canceled")
+            return out
         except MidStreamError as exc:
             raise HTTPError(500, str(exc)) from None
         finally:

@@ -7,6 +7,7 @@ and with Nagle a kept-alive peer would wait for its delayed ACK on every small r
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 
@@ -44,3 +45,18 @@ def reset(sock: socket.socket | None) -> None:
         closer()
     except OSError:
         pass
+
+
+def peer_closed(sock: socket.socket | None) -> bool:
+    """Whether the client has closed its end, without blocking or consuming anything.
+
+    A readable socket whose peek reads nothing is at EOF; a reset one raises. Used while a
+    non-streamed reply is being generated, when no write would notice the client leaving.
+    """
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):  # reset, or already closed under us
+        return True
