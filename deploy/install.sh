@@ -74,11 +74,12 @@ check_config "$CURRENT" || die "$CONFIG is invalid; fix it and run me again"
 install -m 0644 "$DEPLOY_DIR/sysctl-ollama-lb.conf" "$SYSCTL"
 sysctl -q -p "$SYSCTL" >/dev/null 2>&1 || warn "some sysctl keys could not be applied here"
 
-# 6. The unit.
-install -m 0644 "$DEPLOY_DIR/ollama-lb.service" "$UNIT"
-systemctl daemon-reload
-systemctl enable --quiet "$SERVICE"
+# 6. The units: the socket (address and backlog from the config, in a drop-in) holds the
+#    listening socket across restarts; the service takes it over.
+install_units "$CURRENT"
+systemctl enable --quiet "$SOCKET" "$SERVICE"
 if [ "$START" -eq 1 ]; then
+    apply_socket
     if systemctl is-active --quiet "$SERVICE"; then
         systemctl restart "$SERVICE"
     else
@@ -94,6 +95,8 @@ ollama-lb $(wheel_version "$WHEEL") is installed.
   config:   $CONFIG   (edit it: changes apply on save; bad files are refused and logged)
   env:      $ENV_FILE (OLLAMA_LB_ADMIN_TOKEN)
   service:  systemctl status $SERVICE; journalctl -u $SERVICE -f
+  socket:   $SOCKET listens (address from $CONFIG; after changing server.host/port, run
+            install.sh again); restarts and upgrades refuse no connection
   health:   $(health_url)
   upgrade:  deploy/upgrade.sh --wheel NEW.whl; rollback: deploy/rollback.sh
 INFO

@@ -34,7 +34,7 @@ fi
 say "rolling back $(basename "$current") -> $(basename "$target")"
 printf '%s\n' "$current" > "$PREVIOUS_FILE"
 switch_current "$target"
-systemctl reset-failed "$SERVICE" 2>/dev/null || true
+systemctl reset-failed "$SERVICE" "$SOCKET" 2>/dev/null || true
 systemctl restart "$SERVICE"
 wait_healthy 30 || die "$(basename "$target") is not healthy: journalctl -u $SERVICE"
 say "running $(basename "$target")"

@@ -18,11 +18,12 @@ done
 require_root
 
 if systemctl list-unit-files "$SERVICE.service" >/dev/null 2>&1; then
-    systemctl disable --now --quiet "$SERVICE" 2>/dev/null || true
+    systemctl disable --now --quiet "$SERVICE" "$SOCKET" 2>/dev/null || true
 fi
-rm -f "$UNIT" "$SYSCTL"
+rm -f "$UNIT" "$SOCKET_UNIT" "$SYSCTL"
+rm -rf "$(dirname "$SOCKET_DROPIN")"
 systemctl daemon-reload
-systemctl reset-failed "$SERVICE" 2>/dev/null || true
+systemctl reset-failed "$SERVICE" "$SOCKET" 2>/dev/null || true
 rm -rf "$PREFIX"
 say "removed the service and $PREFIX"
 

@@ -32,6 +32,10 @@ check_config "$new" || die "the new release rejects $CONFIG; nothing changed"
 say "switching $(basename "$old") -> $(basename "$new")"
 printf '%s\n' "$old" > "$PREVIOUS_FILE"
 switch_current "$new"
+# The socket unit keeps listening through the restart: connections wait in its queue while
+# the old process drains and the new one starts (units from this bundle, if they changed).
+install_units "$new"
+apply_socket
 systemctl restart "$SERVICE" || true
 if wait_healthy "$TIMEOUT"; then
     say "upgraded to $(basename "$new"); the previous release stays in $old for rollback.sh"
@@ -41,7 +45,7 @@ fi
 warn "the new release is not healthy: rolling back to $(basename "$old")"
 journalctl -u "$SERVICE" -n 20 --no-pager >&2 || true
 switch_current "$old"
-systemctl reset-failed "$SERVICE" 2>/dev/null || true
+systemctl reset-failed "$SERVICE" "$SOCKET" 2>/dev/null || true
 systemctl restart "$SERVICE"
 wait_healthy "$TIMEOUT" || die "the old release is not healthy either: journalctl -u $SERVICE"
 die "upgrade to $(basename "$new") failed; running $(basename "$old") again"

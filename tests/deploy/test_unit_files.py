@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,21 +40,66 @@ def test_scripts_are_strict_and_executable():
 
 @pytest.fixture
 def unit_with_stub(tmp_path):
-    """The unit with ExecStart pointed at a stub, so verify checks everything else here."""
+    """The unit with ExecStart pointed at a stub, so verify checks everything else here.
+
+    The socket unit lies beside it, as in /etc/systemd/system, for Requires=ollama-lb.socket.
+    """
     stub = tmp_path / "ollama-lb"
     stub.write_text("#!/bin/sh\n")
     stub.chmod(0o755)
     unit = tmp_path / "ollama-lb.service"
     unit.write_text((DEPLOY / "ollama-lb.service").read_text().replace(
         "/opt/ollama-lb/current/bin/ollama-lb", str(stub)))
+    shutil.copy(DEPLOY / "ollama-lb.socket", tmp_path / "ollama-lb.socket")
     return unit
+
+
+def verify(*units: Path) -> None:
+    out = subprocess.run(["systemd-analyze", "verify", "--man=no", *map(str, units)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stderr == "" and out.stdout == "", out.stderr
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
 def test_systemd_analyze_verify_is_silent(unit_with_stub):
-    out = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit_with_stub)],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and out.stderr == "" and out.stdout == "", out.stderr
+    verify(unit_with_stub, unit_with_stub.with_suffix(".socket"))
+
+
+def listen_dropin(tmp_path: Path, server: dict) -> subprocess.CompletedProcess[str]:
+    """lib.sh's listen_dropin for a config with ``server``, run by this repo's Python."""
+    release = tmp_path / "release"
+    (release / "bin").mkdir(parents=True, exist_ok=True)
+    python = release / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"server": server,
+                                      "nodes": [{"id": "a", "url": "http://127.0.0.1:1"}]}))
+    return subprocess.run(["bash", "-c", f'. "{DEPLOY}/lib.sh"; CONFIG="{config}"; '
+                           f'listen_dropin "{release}"'], capture_output=True, text=True,
+                          timeout=60, cwd=DEPLOY.parent)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+@pytest.mark.parametrize(("host", "address"), [("0.0.0.0", "0.0.0.0:11434"),
+                                               ("127.0.0.1", "127.0.0.1:11434"),
+                                               ("::", "[::]:11434"),
+                                               ("localhost", "127.0.0.1:11434")])
+def test_socket_dropin_listens_where_the_config_says(tmp_path, unit_with_stub, host, address):
+    out = listen_dropin(tmp_path, {"host": host, "port": 11434, "backlog": 2048})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[lines.index("[Socket]") + 1:] == [
+        "ListenStream=", f"ListenStream={address}", "Backlog=2048"]
+    dropins = unit_with_stub.parent / "ollama-lb.socket.d"
+    dropins.mkdir()
+    (dropins / "listen.conf").write_text(out.stdout + "\n")
+    verify(unit_with_stub.with_suffix(".socket"))  # the drop-in is read, and silent too
+
+
+def test_socket_dropin_refuses_port_0(tmp_path):
+    out = listen_dropin(tmp_path, {"host": "0.0.0.0", "port": 0})
+    assert out.returncode != 0 and "fixed port" in out.stderr
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
@@ -65,6 +111,30 @@ def test_security_exposure_is_at_most_2(unit_with_stub):
     assert level <= 2.0
 
 
+def assert_every_directive_is_commented(unit: str) -> None:
+    commented = False  # every directive is explained by a comment in its paragraph
+    for line in unit.splitlines():
+        if not line.strip() or line.startswith("["):
+            commented = False
+        elif line.startswith("#"):
+            commented = True
+        else:
+            assert commented, f"no comment explains: {line}"
+
+
+def test_socket_unit_holds_the_listener_with_the_options_the_app_sets():
+    from app.server import EXIT_STREAMS_CUT
+
+    socket_unit = (DEPLOY / "ollama-lb.socket").read_text()
+    for directive in ("ListenStream=", "NoDelay=yes", "KeepAlive=yes", "Backlog=1024",
+                      "Accept=no", "WantedBy=sockets.target"):
+        assert directive in socket_unit
+    assert_every_directive_is_commented(socket_unit)
+    service = (DEPLOY / "ollama-lb.service").read_text()
+    assert "Requires=ollama-lb.socket" in service and "After=ollama-lb.socket" in service
+    assert f"SuccessExitStatus={EXIT_STREAMS_CUT}" in service  # a cut drain is no failure
+
+
 def test_unit_is_notify_with_reload_restart_and_file_limit():
     unit = (DEPLOY / "ollama-lb.service").read_text()
     for directive in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID",
@@ -74,15 +144,11 @@ def test_unit_is_notify_with_reload_restart_and_file_limit():
         assert directive in unit
     stop = int(unit.split("TimeoutStopSec=")[1].split()[0])
     example = load_config(DEPLOY / "config.example.yaml")
-    assert stop > example.server.drainSeconds  # the drain fits before SIGKILL
-    commented = False  # every directive is explained by a comment in its paragraph
-    for line in unit.splitlines():
-        if not line.strip() or line.startswith("["):
-            commented = False
-        elif line.startswith("#"):
-            commented = True
-        else:
-            assert commented, f"no comment explains: {line}"
+    from app.server import CUT_GRACE_S
+
+    # the drain, then the cut streams' error lines, fit before SIGKILL
+    assert stop > example.server.drainSeconds + 2 * CUT_GRACE_S
+    assert_every_directive_is_commented(unit)
 
 
 def test_example_config_and_cloud_init_are_valid():

@@ -133,11 +133,75 @@ def healthy(port, timeout=20):
     return False
 
 
+class ClientLoop:
+    """Clients sending short requests back to back until stopped; every outcome is kept.
+
+    Half use a kept-alive session, half a new connection per request; some stream. Every
+    request is much shorter than the drain bound, so none may fail across a restart.
+    """
+
+    def __init__(self, port: int, clients: int = 4) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.ok = 0
+        self.failures: list[str] = []
+        self.running = True
+        self.jobs = [gevent.spawn(self._client, i) for i in range(clients)]
+
+    def _client(self, i: int) -> None:
+        session = requests.Session() if i % 2 else None
+        deadline = time.monotonic() + 300
+        while self.running and time.monotonic() < deadline:
+            try:
+                self._one(session or requests, stream=i >= 2)
+                self.ok += 1
+            except Exception as exc:  # every kind of failure counts
+                self.failures.append(f"client {i}: {exc!r}")
+
+    def _one(self, http, stream: bool) -> None:
+        body = {"model": "llama3.2", "prompt": "hi", "stream": stream}
+        r = http.post(f"{self.url}/api/generate", json=body, timeout=60, stream=stream)
+        assert r.status_code == 200, f"HTTP {r.status_code}: {r.text[:200]}"
+        lines = [json.loads(line) for line in r.iter_lines() if line]
+        assert lines and lines[-1].get("done") is True, lines[-1:]
+
+    def served(self, at_least: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        start = self.ok
+        while self.ok < start + at_least and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        assert self.ok >= start + at_least, f"only {self.ok - start} requests served"
+
+    def stop(self) -> None:
+        self.running = False
+        gevent.joinall(self.jobs, timeout=90)
+
+
+def restarted_without_a_failure(vm, port, action) -> None:
+    """Run ``action`` while clients send requests: a new process, nothing refused or failed."""
+    pid = vm.main_pid()
+    clients = ClientLoop(port)
+    try:
+        clients.served(20)
+        action()
+        clients.served(20)  # the new process serves
+    finally:
+        clients.stop()
+    assert vm.main_pid() not in (0, pid)
+    assert clients.failures == [], clients.failures[:5]
+    journal = vm.run("journalctl", "-u", "ollama-lb", "-o", "cat", "--no-pager").stdout
+    stopped = [json.loads(line) for line in journal.splitlines()
+               if line.startswith("{") and '"event": "stopped"' in line]
+    assert stopped and stopped[-1]["cut_requests"] == 0  # all drained within the bound
+
+
 def test_01_fresh_install_writes_the_example_config_and_enables_the_unit(vm):
     out = install(vm, "--no-start")
     assert "writing /etc/ollama-lb/config.yaml from the example" in out.stdout
     assert vm.read(CONFIG) == (Path(REPO) / "deploy" / "config.example.yaml").read_text()
     assert vm.run("systemctl", "is-enabled", "ollama-lb").stdout.strip() == "enabled"
+    assert vm.run("systemctl", "is-enabled", "ollama-lb.socket").stdout.strip() == "enabled"
+    dropin = vm.read("/etc/systemd/system/ollama-lb.socket.d/listen.conf")
+    assert "ListenStream=0.0.0.0:8080" in dropin and "Backlog=1024" in dropin  # the example
     assert vm.run("stat", "-c", "%U:%G %a", CONFIG).stdout.split() == ["root:ollama-lb", "640"]
     assert vm.run("readlink", "/opt/ollama-lb/current").stdout.strip().endswith("/0.1.0")
 
@@ -148,6 +212,12 @@ def test_02_install_again_keeps_the_operators_config_and_serves(vm, nodes, port)
     assert "keeping the existing /etc/ollama-lb/config.yaml" in out.stdout
     assert vm.read(CONFIG).startswith("# edited by the operator")
     assert vm.run("systemctl", "is-active", "ollama-lb").stdout.strip() == "active"
+    assert f"ListenStream=127.0.0.1:{port}" in vm.read(
+        "/etc/systemd/system/ollama-lb.socket.d/listen.conf")  # followed the config
+    journal = vm.run("journalctl", "-u", "ollama-lb", "-o", "cat", "--no-pager").stdout
+    started = [json.loads(line) for line in journal.splitlines()
+               if line.startswith("{") and '"event": "started"' in line]
+    assert started[-1]["socket"] == "systemd" and started[-1]["port"] == port  # taken over
     reply = ollama.Client(host=f"http://127.0.0.1:{port}").generate(model="llama3.2",
                                                                     prompt="hello")
     assert reply.done and reply.response
@@ -199,15 +269,20 @@ def test_06_killed_service_is_restarted(vm, port):
     assert healthy(port)
 
 
-def test_07_upgrade_switches_release_and_stays_healthy(vm, port):
-    vm.run("bash", f"{DEPLOY}/upgrade.sh", "--wheel",
-           f"{SRC}/wheels/ollama_load_balancer-0.1.1-py3-none-any.whl", "--wheelhouse",
-           f"{SRC}/wheelhouse", timeout=300)
+def test_07_systemctl_restart_refuses_and_fails_no_request(vm, port):
+    restarted_without_a_failure(vm, port, lambda: vm.run("systemctl", "restart", "ollama-lb"))
+
+
+def test_08_upgrade_switches_release_and_fails_no_request(vm, port):
+    restarted_without_a_failure(vm, port, lambda: vm.run(
+        "bash", f"{DEPLOY}/upgrade.sh", "--wheel",
+        f"{SRC}/wheels/ollama_load_balancer-0.1.1-py3-none-any.whl", "--wheelhouse",
+        f"{SRC}/wheelhouse", timeout=300))
     assert vm.run("readlink", "/opt/ollama-lb/current").stdout.strip().endswith("/0.1.1")
     assert healthy(port)
 
 
-def test_08_broken_upgrade_rolls_back_by_itself(vm, port):
+def test_09_broken_upgrade_rolls_back_by_itself(vm, port):
     out = vm.run("bash", f"{DEPLOY}/upgrade.sh", "--wheel",
                  f"{SRC}/wheels/ollama_load_balancer-0.1.2-py3-none-any.whl", "--wheelhouse",
                  f"{SRC}/wheelhouse", "--timeout", "8", timeout=300, check=False)
@@ -216,7 +291,7 @@ def test_08_broken_upgrade_rolls_back_by_itself(vm, port):
     assert healthy(port)
 
 
-def test_09_rollback_returns_to_the_previous_release(vm, port):
+def test_10_rollback_returns_to_the_previous_release(vm, port):
     vm.run("bash", f"{DEPLOY}/rollback.sh", "--to", "0.1.0", timeout=120)
     assert vm.run("readlink", "/opt/ollama-lb/current").stdout.strip().endswith("/0.1.0")
     assert healthy(port)
@@ -225,13 +300,15 @@ def test_09_rollback_returns_to_the_previous_release(vm, port):
     assert reply.ok and json.loads(reply.content)["done"]
 
 
-def test_10_no_failed_units(vm):
+def test_11_no_failed_units(vm):
     assert vm.run("systemctl", "--failed", "--no-legend").stdout.strip() == ""
 
 
-def test_11_uninstall_keeps_config_and_purge_removes_it(vm):
+def test_12_uninstall_keeps_config_and_purge_removes_it(vm):
     vm.run("bash", f"{DEPLOY}/uninstall.sh", timeout=120)
     assert not vm.exists("/etc/systemd/system/ollama-lb.service")
+    assert not vm.exists("/etc/systemd/system/ollama-lb.socket")
+    assert not vm.exists("/etc/systemd/system/ollama-lb.socket.d")
     assert not vm.exists("/opt/ollama-lb")
     assert vm.exists(CONFIG)
     vm.run("bash", f"{DEPLOY}/uninstall.sh", "--purge", timeout=120)
