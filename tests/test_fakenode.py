@@ -199,6 +199,17 @@ def test_responses_api_streams_numbered_events_ending_in_completed(fake_node):
     assert text.split() == _chat_text(node, CHAT).split()[:5]  # the same reply, cut at 5
 
 
+def test_responses_api_with_nothing_to_say_only_loads_the_model(fake_node):
+    node = fake_node(["m"])
+    with _openai(node) as client:
+        reply = client.responses.create(model="m", input=[])
+        events = list(client.responses.create(model="m", input=[], stream=True))
+    assert reply.output_text == "" and reply.usage.output_tokens == 0
+    assert [e.type for e in events] == ["response.created", "response.in_progress",
+                                        "response.completed"]
+    assert node.stats.loads == 1 and node.stats.max_active == 0  # loaded, nothing generated
+
+
 def test_responses_api_errors_take_openais_shape(fake_node):
     node = fake_node(["m"])
     with _openai(node) as client:

@@ -63,8 +63,8 @@ def _item_text(item: Any, i: int) -> str:
 
 def conversation(body: dict[str, Any]) -> list[str]:
     """The chat messages' texts the request turns into, validated as Ollama validates them."""
-    texts = [body["instructions"]] if isinstance(body.get("instructions"), str) and \
-        body["instructions"] else []
+    instructions = body.get("instructions")
+    texts = [instructions] if isinstance(instructions, str) and instructions else []
     source = body.get("input")
     if isinstance(source, str):
         texts += [source] if source else []
@@ -72,8 +72,8 @@ def conversation(body: dict[str, Any]) -> list[str]:
         texts += [t for i, item in enumerate(source) if (t := _item_text(item, i))]
     elif source is not None:
         raise HTTPError(400, "input must be a string or array")
-    effort = (body.get("reasoning") or {}).get("effort") if isinstance(
-        body.get("reasoning"), dict) else None
+    reasoning = body.get("reasoning")
+    effort = reasoning.get("effort") if isinstance(reasoning, dict) else None
     if effort and effort not in EFFORTS:
         raise HTTPError(400, f'invalid reasoning value: "{effort}" (must be "high", "medium", '
                              f'"low", "max", or "none")')
@@ -136,28 +136,25 @@ class ResponsesAPI:
         texts = conversation(body)
         rid, item_id = f"resp_{random.randrange(999999)}", f"msg_{random.randrange(999999)}"
         n, _ = self.engine.reply_length(body.get("max_output_tokens"))
-        opts = {"num_predict": n}
-        if not texts:  # nothing to say: Ollama's chat only loads the model
-            self.engine.sim.ensure_loaded(model, None)
-            runner, prompt_tokens, n = None, 0, 0
-        else:
-            runner, timing, n = self.engine.infer(model, "\n".join(texts), None, opts)
+        prompt = "\n".join(texts)
+        runner, prompt_tokens = None, 0
+        if texts:
+            runner, timing, n = self.engine.infer(model, prompt, None, {"num_predict": n})
             prompt_tokens = timing["prompt_eval_count"]
+        else:  # nothing to say: Ollama's chat only loads the model
+            self.engine.sim.ensure_loaded(model, None)
         if body.get("stream") is True:
-            frames = Events(body, rid, item_id).frames(self._tokens(call, texts, n, runner),
-                                                       prompt_tokens)
+            tokens = self.engine.tokens(call, prompt, n) if runner else iter(())
+            frames = Events(body, rid, item_id).frames(tokens, prompt_tokens)
             if runner is None:
                 call.start_response("200 OK", [("Content-Type", SSE)])
                 return frames
             return self.engine.stream(call, SSE, frames, runner, error_frame=lambda _: b"")
-        toks = self.engine.collect(call, "\n".join(texts), n, runner) if runner else []
+        toks = self.engine.collect(call, prompt, n, runner) if runner else []
         reply = response_object(body, rid, "completed", [message_item(item_id, "".join(toks))],
                                 usage_of(prompt_tokens, len(toks)))
         reply["completed_at"] = int(time.time())
         return json_reply(call.start_response, 200, reply)
-
-    def _tokens(self, call: Call, texts: list[str], n: int, runner: Any) -> Iterator[str]:
-        return self.engine.tokens(call, "\n".join(texts), n) if runner else iter(())
 
 
 class Events:
