@@ -89,6 +89,7 @@ class Dispatcher:
         their own elsewhere. (/api/ps discovery corrects this if the request fails.)
         """
         if ticket.endpoint is not None and ticket.endpoint.loads_model and ticket.model:
+            ticket.cold = ticket.model not in lease.node.loaded
             lease.node.mark_loaded(ticket.model)
         g = self.calls.spawn(self._run, ticket, lease)
 
@@ -200,6 +201,8 @@ class Dispatcher:
     def _succeeded(self, ticket: Ticket, lease: Lease, ttfb: float) -> None:
         ticket.first_byte_at = time.monotonic()
         lease.succeeded(ttfb)
+        if ticket.cold and ticket.stream:  # a streamed first byte: load + prefill, not decode
+            self.router.observe_cold_load(ttfb)
         if ticket.endpoint is not None and ticket.endpoint.loads_model and ticket.model:
             lease.node.mark_loaded(ticket.model)
 

@@ -55,7 +55,8 @@ class Pipeline:
         self.ledger = Ledger(registry, metrics)
         self.router = Router(registry, StrategyFactory.create(config.strategy.type,
                                                               config.strategy.adaptive),
-                             waiting=lambda model: self.scheduler.queue.waiting(model))
+                             waiting=lambda model: self.scheduler.queue.waiting(model),
+                             max_warm_wait_s=config.strategy.maxWarmWaitMs / 1000.0)
         self.scheduler = Scheduler(self.router, self.ledger, metrics, d.queueSize,
                                    d.queueTimeoutMs / 1000.0)
         self.fan_out = FanOut(registry, self.upstream, self._fan_out_timeouts,
@@ -111,7 +112,10 @@ class Pipeline:
         self.scheduler.wake()
 
     def _all_nodes(self) -> list[Node]:
-        return self.registry.all_nodes() + self.registry.removed_nodes()
+        """Every node with state to show: configured ones, and draining ones by another id."""
+        current = self.registry.all_nodes()
+        ids = {n.id for n in current}
+        return current + [n for n in self.registry.removed_nodes() if n.id not in ids]
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -241,6 +245,7 @@ class Pipeline:
         """Take a reloaded config: new requests see the new settings at once."""
         self.config = config
         self.admission.configure(config)
+        self.router.max_warm_wait_s = config.strategy.maxWarmWaitMs / 1000.0
         d = config.disruptor
         self.scheduler.configure(d.queueSize, d.queueTimeoutMs / 1000.0)
         if (config.strategy.type != self.router.strategy.name

@@ -17,7 +17,7 @@ from pipeline.node import Node
 class NodeRegistry:
     def __init__(self, config: Config) -> None:
         self._nodes: dict[str, Node] = {}
-        self._removed: dict[str, Node] = {}  # draining after removal from the config
+        self._removed: list[Node] = []  # draining after removal (or a URL change)
         self.on_capacity: Callable[[Node], None] = lambda node: None
         #: called on every circuit state change: (node, old state, new state)
         self.on_circuit_change: Callable[[Node, CircuitState, CircuitState], None] = (
@@ -25,32 +25,47 @@ class NodeRegistry:
         self.apply(config)
 
     def apply(self, config: Config) -> dict[str, list[str]]:
-        """Add, update and remove nodes to match ``config``; returns what changed."""
+        """Add, update and remove nodes to match ``config``; returns what changed.
+
+        A node whose URL changes is another box: the old one drains like a removed node and
+        a new one, with fresh health, breaker and model state, takes its id.
+        """
         changes: dict[str, list[str]] = {"added": [], "updated": [], "removed": []}
         wanted = {n.id: n for n in config.nodes}
         for node_id, node in list(self._nodes.items()):
-            if node_id not in wanted:
-                node.draining = True
-                del self._nodes[node_id]
-                self._removed[node_id] = node
-                changes["removed"].append(node_id)
+            cfg = wanted.get(node_id)
+            if cfg is None or cfg.url != node.url:
+                self._retire(node)
+                changes["removed" if cfg is None else "updated"].append(node_id)
         for node_id, cfg in wanted.items():
-            node = self._nodes.get(node_id)
-            if node is None and node_id in self._removed:  # re-added while draining
-                node = self._removed.pop(node_id)
-                node.draining = False
+            node = self._nodes.get(node_id) or self._take_back(node_id, cfg.url)
             if node is None:
                 node = self._nodes[node_id] = Node(cfg, config)
                 node.breaker.on_change = (
                     lambda old, new, n=node: self.on_circuit_change(n, old, new))
-                changes["added"].append(node_id)
-            else:
-                if node.cfg != cfg:
-                    changes["updated"].append(node_id)
-                node.apply(cfg, config)
-                self._nodes[node_id] = node
+                if node_id not in changes["updated"]:
+                    changes["added"].append(node_id)
+                continue
+            if node.cfg != cfg:
+                changes["updated"].append(node_id)
+            node.apply(cfg, config)
+            self._nodes[node_id] = node
         self._drop_idle_removed()
         return changes
+
+    def _retire(self, node: Node) -> None:
+        node.draining = True
+        del self._nodes[node.id]
+        self._removed.append(node)
+
+    def _take_back(self, node_id: str, url: str) -> Node | None:
+        """A node re-added (same id and URL) while it still drains gets its state back."""
+        for node in self._removed:
+            if node.id == node_id and node.url == url:
+                self._removed.remove(node)
+                node.draining = False
+                return node
+        return None
 
     def all_nodes(self) -> list[Node]:
         """The configured nodes, in config order."""
@@ -58,7 +73,7 @@ class NodeRegistry:
 
     def removed_nodes(self) -> list[Node]:
         """Nodes removed from the config that still have requests in flight."""
-        return list(self._removed.values())
+        return list(self._removed)
 
     def get(self, node_id: str) -> Node | None:
         return self._nodes.get(node_id)
@@ -68,11 +83,9 @@ class NodeRegistry:
         if not lease.release():
             return
         node = lease.node
-        if node.draining and node.id in self._removed and node.in_flight == 0:
-            del self._removed[node.id]
+        if node.draining and node.in_flight == 0 and node in self._removed:
+            self._removed.remove(node)
         self.on_capacity(node)
 
     def _drop_idle_removed(self) -> None:
-        for node_id, node in list(self._removed.items()):
-            if node.in_flight == 0:
-                del self._removed[node_id]
+        self._removed = [n for n in self._removed if n.in_flight > 0]

@@ -158,7 +158,7 @@ class Ticket:
     It also collects what the access log reports (node, attempts, queue wait, first byte).
     """
 
-    __slots__ = ("_result", "abandoned", "attempts", "deadline", "endpoint", "finished",
+    __slots__ = ("_result", "abandoned", "attempts", "cold", "deadline", "endpoint", "finished",
                  "first_byte_at",
                  "model", "model_raw", "node_id", "on_cancel", "queue_wait", "request",
                  "status", "stream", "submitted_at", "tokens")
@@ -181,6 +181,7 @@ class Ticket:
         self.first_byte_at: float | None = None
         self.on_cancel: Callable[[], None] | None = None
         self.abandoned = False  # the caller went away while waiting (see abandon())
+        self.cold = False  # dispatched to a node that did not have its model loaded
 
     def set(self, result: Result) -> bool:
         """Deliver the reply; False (and nothing changes) if the ticket was already resolved."""

@@ -26,13 +26,32 @@ class Router:
     rounds of the warm nodes' slots: then it spreads to spare nodes (empty, or holding only
     models that are warm elsewhere too), so a popular model scales out without evicting the
     last warm copy of another model, which would only move the cold load to that model.
+
+    That wait is bounded (``warm_wait_s``): a request never waits for a warm node longer than
+    a cold load is expected to take (learned from the first bytes of cold dispatches, capped
+    by ``strategy.maxWarmWaitMs``), and after that it may use any free node (``cold_ok``),
+    spare ones first. So no request is left queued while a node that can serve it sits idle.
     """
 
     def __init__(self, registry: NodeRegistry, strategy: Strategy,
-                 waiting: Callable[[str], int] = lambda model: 0) -> None:
+                 waiting: Callable[[str], int] = lambda model: 0,
+                 max_warm_wait_s: float = 10.0) -> None:
         self.registry = registry
         self.strategy = strategy
         self.waiting = waiting  # requests queued for a model
+        self.max_warm_wait_s = max_warm_wait_s
+        self.cold_load_s: float | None = None  # moving average of cold dispatches' first byte
+
+    def observe_cold_load(self, seconds: float) -> None:
+        prev = self.cold_load_s
+        self.cold_load_s = seconds if prev is None else 0.8 * prev + 0.2 * seconds
+
+    def warm_wait_s(self, queue_timeout_s: float) -> float:
+        """How long a request may wait for a busy warm node before going cold elsewhere."""
+        bound = self.max_warm_wait_s
+        if self.cold_load_s is not None:
+            bound = min(bound, self.cold_load_s)
+        return min(bound, queue_timeout_s / 2)
 
     @property
     def strategy(self) -> Strategy:
@@ -54,11 +73,13 @@ class Router:
                     admitting.append(node)
         return admitting, has_it
 
-    def candidates(self, model: str, admitting: list[Node]) -> list[Node]:
+    def candidates(self, model: str, admitting: list[Node], cold_ok: bool = False) -> list[Node]:
         """The nodes the strategy may pick from now (see the class docstring)."""
         free = [n for n in admitting if n.has_capacity()]
         if not free or not self.strategy.waits_for_warm:
             return free
+        if cold_ok:  # waited long enough for a warm node: evict least, but go
+            return [n for n in free if self._spare(n)] or free
         warm = [n for n in admitting if model in n.loaded]
         if not warm or any(n.has_capacity() for n in warm):
             return free  # nothing warm anywhere (a cold load is unavoidable), or warm and free
@@ -75,11 +96,12 @@ class Router:
         free = self.candidates(model, admitting)
         return self.strategy.select(free, model) if free else None
 
-    def acquire(self, model: str, exclude: Iterable[Node] = ()) -> Lease | None:
+    def acquire(self, model: str, exclude: Iterable[Node] = (),
+                cold_ok: bool = False) -> Lease | None:
         """Pick a node for ``model`` and take a lease on it, or None if none has room."""
         skip = {n.id for n in exclude}
         admitting, _ = self.classify(model)
-        candidates = [n for n in self.candidates(model, admitting) if n.id not in skip]
+        candidates = [n for n in self.candidates(model, admitting, cold_ok) if n.id not in skip]
         while candidates:
             node = self.strategy.select(candidates, model)
             if node is None:

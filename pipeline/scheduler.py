@@ -37,9 +37,18 @@ class Scheduler:
         return len(self.queue)
 
     def wait(self, ticket: Ticket, model: str) -> None:
-        """Queue a request for capacity; raises BackpressureError when the queue is full."""
-        waiter = self.queue.put(ticket, model, ticket.deadline - time.monotonic())
+        """Queue a request for capacity; raises BackpressureError when the queue is full.
+
+        With a strategy that waits for warm nodes, the queue re-offers capacity to the
+        request when its wait for a warm node ends, so it then takes an idle node.
+        """
+        nudge = (self._warm_wait() + 0.001) if self.router.strategy.waits_for_warm else None
+        waiter = self.queue.put(ticket, model, ticket.deadline - time.monotonic(),
+                                nudge_in=nudge, on_nudge=self.wake)
         ticket.on_cancel = lambda: self._cancel(waiter)
+
+    def _warm_wait(self) -> float:
+        return self.router.warm_wait_s(self.queue.timeout_s)
 
     def requeue(self, ticket: Ticket) -> bool:
         """A retry found no free node: wait like any other request (False if the queue is full)."""
@@ -64,8 +73,10 @@ class Scheduler:
 
     def _serve_one(self) -> bool:
         """Dispatch the oldest waiter (across models) that free capacity can serve."""
+        now = time.monotonic()
         for waiter in self.queue.heads():
-            lease = self.router.acquire(waiter.model)
+            cold_ok = now - waiter.ticket.submitted_at >= self._warm_wait()
+            lease = self.router.acquire(waiter.model, cold_ok=cold_ok)
             if lease is None:
                 continue
             self.queue.pop(waiter)

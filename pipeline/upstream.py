@@ -120,25 +120,40 @@ class UpstreamResponse:
 
 
 class UpstreamClient:
-    """One connection pool per node base URL, sized to the node's concurrency cap."""
+    """One connection pool per node base URL, sized to the node's current concurrency cap.
+
+    A pool whose node's cap changed (a reload) is replaced by one of the new size: connections
+    in use on the old one finish their request and are closed instead of returned.
+    """
 
     def __init__(self) -> None:
-        self._adapters: dict[str, HTTPAdapter] = {}
+        self._adapters: dict[str, tuple[int, HTTPAdapter, Any]] = {}
         self.checked_out = 0  # responses handed out and not yet closed
 
-    def _pool(self, base_url: str, pool_size: int) -> Any:
-        adapter = self._adapters.get(base_url)
-        if adapter is None:
-            # pool_block=False: the appliance bounds concurrency itself; a connection beyond
-            # the pool size is opened and closed rather than waited for.
-            adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max(pool_size, 1),
-                                  max_retries=0, pool_block=False)
-            self._adapters[base_url] = adapter
-        return adapter.poolmanager.connection_from_url(base_url)
+    def _pool(self, base_url: str, pool_size: int | None) -> Any:
+        """The node's pool; ``pool_size`` None (probes, fan-outs) keeps whatever size it has."""
+        entry = self._adapters.get(base_url)
+        if entry is not None and (pool_size is None or entry[0] == max(pool_size, 1)):
+            return entry[2]
+        size = max(pool_size or 10, 1)
+        if entry is not None:
+            entry[1].close()
+        # pool_block=False: the appliance bounds concurrency itself; a connection beyond
+        # the pool size is opened and closed rather than waited for.
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=size, max_retries=0,
+                              pool_block=False)
+        pool = adapter.poolmanager.connection_from_url(base_url)
+        self._adapters[base_url] = (size, adapter, pool)
+        return pool
+
+    def pool_size(self, base_url: str) -> int | None:
+        """The size of the pool for a node URL (None before its first request)."""
+        entry = self._adapters.get(base_url)
+        return entry[0] if entry is not None else None
 
     def send(self, base_url: str, method: str, path: str, body: bytes | None,
              headers: dict[str, str], connect_timeout: float, read_timeout: float | None,
-             pool_size: int = 10) -> UpstreamResponse:
+             pool_size: int | None = None) -> UpstreamResponse:
         """Send one request; the body of the reply is left unread (streamed)."""
         if body is not None:
             headers = {**headers, "Content-Length": str(len(body))}
@@ -161,15 +176,15 @@ class UpstreamClient:
             resp.close()
 
     def close(self) -> None:
-        for adapter in self._adapters.values():
+        for _size, adapter, _pool in self._adapters.values():
             adapter.close()
         self._adapters.clear()
 
     def forget(self, base_url: str) -> None:
         """Drop a node's pool (its URL changed or it was removed)."""
-        adapter = self._adapters.pop(base_url, None)
-        if adapter is not None:
-            adapter.close()
+        entry = self._adapters.pop(base_url, None)
+        if entry is not None:
+            entry[1].close()
 
 
 def is_stream(content_type: str) -> bool:

@@ -20,13 +20,14 @@ from pipeline.request import Ticket
 
 
 class Waiter:
-    __slots__ = ("model", "seq", "ticket", "timer")
+    __slots__ = ("model", "nudge", "seq", "ticket", "timer")
 
     def __init__(self, ticket: Ticket, model: str, seq: int) -> None:
         self.ticket = ticket
         self.model = model
         self.seq = seq
-        self.timer: Any = None
+        self.timer: Any = None  # fails the waiter when its wait runs out
+        self.nudge: Any = None  # re-offers capacity when its wait for a warm node ends
 
 
 class CapacityQueue:
@@ -42,8 +43,12 @@ class CapacityQueue:
     def __len__(self) -> int:
         return self._count
 
-    def put(self, ticket: Ticket, model: str, deadline_in: float) -> Waiter:
-        """Enqueue or raise BackpressureError when full; the wait is bounded by both limits."""
+    def put(self, ticket: Ticket, model: str, deadline_in: float,
+            nudge_in: float | None = None, on_nudge: Callable[[], None] | None = None) -> Waiter:
+        """Enqueue or raise BackpressureError when full; the wait is bounded by both limits.
+
+        ``on_nudge`` runs once after ``nudge_in`` seconds if the waiter is still queued.
+        """
         if self._count >= self.limit:
             raise BackpressureError(
                 "server busy, please try again.  maximum pending requests exceeded")
@@ -53,6 +58,9 @@ class CapacityQueue:
         wait = max(0.0, min(self.timeout_s, deadline_in))
         waiter.timer = gevent.get_hub().loop.timer(wait)
         waiter.timer.start(self._expire, waiter)
+        if nudge_in is not None and on_nudge is not None and nudge_in < wait:
+            waiter.nudge = gevent.get_hub().loop.timer(nudge_in)
+            waiter.nudge.start(on_nudge)
         return waiter
 
     def _expire(self, waiter: Waiter) -> None:
@@ -81,9 +89,10 @@ class CapacityQueue:
         self._count -= 1
         if not dq:
             del self._by_model[waiter.model]
-        if waiter.timer is not None:
-            waiter.timer.close()
-            waiter.timer = None
+        for timer in (waiter.timer, waiter.nudge):
+            if timer is not None:
+                timer.close()
+        waiter.timer = waiter.nudge = None
 
     def heads(self) -> Iterator[Waiter]:
         """The oldest waiter of each model, oldest first."""

@@ -16,6 +16,7 @@ import requests
 
 from pipeline.breaker import CircuitState
 from pipeline.config import parse_config
+from pipeline.modelname import canonical
 from pipeline.node import Health
 from tests.conftest import lb_config
 from tests.waiting import wait_until
@@ -306,3 +307,71 @@ def test_parsing_a_large_body_does_not_stall_other_streams(fake_node, appliance)
     stream.join(30)
     assert stream.successful()
     assert max(gaps) < 0.3, f"the stream stalled for {max(gaps):.2f} s"
+
+
+# --- 6. model-aware never leaves a request queued while a node that can serve it is idle -----
+
+def test_model_aware_stops_waiting_for_a_warm_node_and_uses_the_idle_one(fake_node, appliance):
+    a = fake_node(["m"], decode_tps=5.0, tokens=20)  # m warm here, busy for 4 s
+    b = fake_node(["m", "k"], decode_tps=5.0, tokens=1)  # idle; holds the only warm copy of k
+    lb = appliance([a, b], node_overrides={0: {"maxConcurrentRequests": 1},
+                                           1: {"maxConcurrentRequests": 1}},
+                   strategy={"type": "model-aware", "maxWarmWaitMs": 300},
+                   disruptor={"queueTimeoutMs": 3000},
+                   healthCheck={"modelRefreshMs": 600_000})
+    n0, n1 = (lb.factory.node_registry.get(i) for i in ("n0", "n1"))
+    n0.set_loaded({"m"})
+    n1.set_loaded({"k"})  # b is not spare: sending m there evicts the last warm copy of k
+    long_one = gevent.spawn(post, lb, {"model": "m", "prompt": "x", "stream": False})
+    assert wait_until(lambda: n0.in_flight == 1, 5)
+    t0 = time.monotonic()
+    status, body = post(lb, {"model": "m", "prompt": "y", "stream": False})
+    assert status == 200 and body["done"] is True  # not 503 "timed out waiting"
+    assert time.monotonic() - t0 < 2.5
+    assert n0.in_flight == 1  # served by the idle node while the warm one was still busy
+    assert b.stats.by_path.get("/api/generate") == 1
+    long_one.join(10)
+    assert long_one.value[0] == 200
+
+
+# --- 7. connection pools follow the caps; a new URL is a new node -------------------------------
+
+def test_connection_pool_grows_with_the_nodes_cap_on_reload(fake_node, appliance):
+    fake = fake_node(["m"], decode_tps=20.0, tokens=4)  # 0.2 s per reply
+    quiet = {"enabled": False, "discovery": False}  # only requests use the node's pool
+    lb = appliance([fake], discover=False, node_overrides={0: {"maxConcurrentRequests": 2}},
+                   healthCheck=quiet)
+
+    def round_of(n):
+        jobs = [gevent.spawn(post, lb, {"model": "m", "prompt": str(i), "stream": False})
+                for i in range(n)]
+        gevent.joinall(jobs, raise_error=True)
+        assert all(g.value[0] == 200 for g in jobs)
+
+    round_of(2)
+    lb.factory.apply_config(parse_config(lb_config(
+        [fake], node_overrides={0: {"maxConcurrentRequests": 6}}, healthCheck=quiet)))
+    round_of(6)
+    opened = fake.connections
+    round_of(6)
+    assert fake.connections == opened  # all six connections were kept and reused
+
+
+def test_node_whose_url_changes_starts_with_fresh_state(fake_node, appliance):
+    old, new = fake_node(["m"]), fake_node(["k"])
+    lb = appliance([old], healthCheck={"circuitBreakerFailureThreshold": 1,
+                                       "circuitBreakerRecoveryMs": 600_000})
+    before = lb.factory.node_registry.get("n0")
+    before.breaker.record_failure()
+    assert before.circuit is CircuitState.OPEN and before.has_model(canonical("m"))
+    cfg = lb_config([new], healthCheck={"circuitBreakerFailureThreshold": 1,
+                                        "circuitBreakerRecoveryMs": 600_000})
+    changes = lb.factory.apply_config(parse_config(cfg))
+    assert changes["updated"] == ["n0"]
+    after = lb.factory.node_registry.get("n0")
+    assert after is not before and after.url == new.url
+    assert after.circuit is CircuitState.CLOSED and after.failures == 0
+    assert after.installed is None  # nothing known about the new box until it is asked
+    lb.factory.health_checker.check_all(discover=True)
+    assert after.has_model(canonical("k")) and not after.has_model(canonical("m"))
+    assert post(lb, {"model": "k", "prompt": "x", "stream": False})[0] == 200

@@ -21,6 +21,7 @@ class _Handler(WSGIHandler):
     def handle(self) -> None:
         live, sock = self.server.live_sockets, self.socket
         live.add(sock)
+        self.server.node_server.connections += 1
         try:
             super().handle()
         finally:
@@ -44,6 +45,7 @@ class FakeNodeServer:
         self.host = host
         self.port = port
         self._server: WSGIServer | None = None
+        self.connections = 0  # TCP connections accepted: a client reusing connections opens few
 
     @property
     def url(self) -> str:
@@ -59,6 +61,7 @@ class FakeNodeServer:
         self._server = WSGIServer(listener, self.node, handler_class=_Handler, log=None,
                                   error_log=None)
         self._server.live_sockets = set()  # type: ignore[attr-defined]
+        self._server.node_server = self  # type: ignore[attr-defined]
         self._server.start()
         return self
 

@@ -309,7 +309,8 @@ def scenario_routing(work: Path, quick: bool) -> dict[str, Any]:
         nodes = [procs.fake_node(",".join(m for m, _ in MODELS), "realistic",
                                  num_parallel=2, max_loaded_models=1, load_seconds=3 * scale,
                                  tokens_per_second=50 / scale, prefill_tps=2000 / scale,
-                                 tokens=60, keep_alive_seconds=300 * scale)
+                                 tokens=60, keep_alive_seconds=300 * scale,
+                                 fault_api=True)  # /_fake/stats gives the cold loads
                  for _ in range(4)]
         lb = procs.appliance(nodes, work, caps=2, strategy={"type": name},
                              disruptor={"queueTimeoutMs": 120000},

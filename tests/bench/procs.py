@@ -79,7 +79,9 @@ def fake_node(models: str, profile: str = "fast", **opts: Any) -> Proc:
     args = [PY, "-m", "app", "fake-node", "--port", str(port), "--models", models,
             "--profile", profile]
     for key, value in opts.items():
-        if value is not None:
+        if value is True:  # a bare flag, e.g. fault_api=True -> --fault-api
+            args.append(f"--{key.replace('_', '-')}")
+        elif value is not None:
             args += [f"--{key.replace('_', '-')}", str(value)]
     return Proc(args, f"http://127.0.0.1:{port}")
 
