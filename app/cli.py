@@ -110,7 +110,7 @@ def serve(path: str, host: str | None, port: int | None, watch: bool) -> int:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 1
     app.await_shutdown()
-    return 0
+    return app.exit_status  # 0, or EXIT_STREAMS_CUT (75) when the drain bound cut requests
 
 
 if __name__ == "__main__":
