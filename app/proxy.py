@@ -120,19 +120,19 @@ def root() -> Response:
 
 @bp.route("/api/version", methods=["GET", "HEAD"])
 def version() -> Response:
-    return json_response(factory().pool_view.version())
+    return json_response(factory().pool_lists.version())
 
 
 @bp.route("/api/tags", methods=["GET", "HEAD"])
 def tags() -> Response:
-    return json_response(factory().pool_view.tags())
+    return json_response(factory().pool_lists.tags())
 
 
 @bp.get("/api/ps")
 def ps() -> Response:
-    return json_response(factory().pool_view.ps())
+    return json_response(factory().pool_lists.ps())
 
 
 @bp.get("/v1/models")
 def openai_models() -> Response:
-    return json_response(factory().pool_view.openai_models())
+    return json_response(factory().pool_lists.openai_models())

@@ -1,6 +1,6 @@
 """Answers the appliance composes from the whole pool: tags, ps, version, OpenAI model list.
 
-Merging follows the API reference (§6.5): the union keyed by canonical model name, newest
+Merging: the union keyed by canonical model name, newest
 ``modified_at`` first for tags, latest ``expires_at`` first for ps, the lowest version among
 reachable nodes. Answers come from the discovery state (each node's last known lists), never
 from a call made while the client waits: clients such as Open WebUI poll these routes, and one
@@ -22,7 +22,7 @@ from pipeline.node import Node
 from pipeline.registry import NodeRegistry
 
 
-class PoolView:
+class PoolLists:
     """The pool's merged model lists and version, read from what discovery last saw."""
 
     def __init__(self, registry: NodeRegistry, checker: HealthChecker,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pipeline.aggregate import PoolView
+from pipeline.aggregate import PoolLists
 from pipeline.config import Config, load_config, with_restart_keys_from
 from pipeline.fanout import FanOut
 from pipeline.health import HealthChecker
@@ -31,11 +31,12 @@ class PipelineFactory:
         self.pipeline = Pipeline(config, self.node_registry, self.metrics_registry,
                                  self.upstream)
         self.health_checker = HealthChecker(self.node_registry, self.upstream, config,
-                                            on_change=self.pipeline.poke)
-        self.pool_view = PoolView(self.node_registry, self.health_checker)
+                                            on_change=self.pipeline.offer_capacity)
+        self.pool_lists = PoolLists(self.node_registry, self.health_checker)
         self.fan_out: FanOut = self.pipeline.fan_out
         self.fan_out.refresh = self.health_checker.discover
-        self.operations = PoolOperations(self.node_registry, self.pipeline, self.pipeline.poke)
+        self.operations = PoolOperations(self.node_registry, self.pipeline,
+                                         self.pipeline.offer_capacity)
         self.started = False
 
     @classmethod

@@ -1,8 +1,8 @@
 """Pool-wide model management: pull, create, copy, delete and blobs on every node concerned.
 
-A client managing models through the appliance means "on the pool", so these fan out (API
-reference §6.5): pull and create go to every serving node (create with ``from`` to the nodes
-that have the source), copy and delete to the nodes that have the model, blobs to every node.
+A client managing models through the appliance means "on the pool", so these fan out: pull
+and create go to every serving node (create with ``from`` to the nodes that have the source),
+copy and delete to the nodes that have the model, blobs to every node.
 Results are combined into the single answer one Ollama would give, and the nodes' model lists
 are refreshed afterwards.
 """

@@ -3,8 +3,8 @@
 /health and /admin/nodes are thin callers of this module, so a library user gets the same
 verdicts (``factory.operations.health()``) and the same node actions (``enable``, ``disable``,
 ``drain``) as an operator with curl. Each action wakes the capacity waiters itself through the
-``wake`` callable (the factory passes ``pipeline.poke``): a node that comes back must take the
-requests queued for it at once, and no caller can forget to say so.
+``wake`` callable (the factory passes ``pipeline.offer_capacity``): a node that comes back
+must take the requests queued for it at once, and no caller can forget to say so.
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ class Pipeline:
     def finish(self, ticket: Ticket, status: str, error: PipelineError | None = None) -> None:
         self.ledger.finish(ticket, status, error)
 
-    def poke(self) -> None:
+    def offer_capacity(self) -> None:
         """Re-check waiters after a change that may free capacity (health, config)."""
         self.scheduler.wake()
 
@@ -153,7 +153,7 @@ class Pipeline:
             "event": "circuit", "node": node.id, "from": old.value, "to": new.value,
             "error": node.last_error})
         if new is not CircuitState.OPEN:
-            self.poke()  # a trial may now go through: waiting requests can use it
+            self.offer_capacity()  # a trial may now go through: waiting requests can use it
 
     def _fan_out_timeouts(self) -> tuple[float, float]:
         t = self.config.timeouts
@@ -252,7 +252,7 @@ class Pipeline:
                 or config.strategy.adaptive != self.router.strategy.adaptive):
             self.set_strategy(StrategyFactory.create(config.strategy.type,
                                                      config.strategy.adaptive))
-        self.poke()
+        self.offer_capacity()
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -77,7 +77,7 @@ def test_half_open_trial_cancelled_by_its_client_is_given_back(fake_node, applia
                       and fake.stats.by_path.get("/api/generate") == 2, 5)
     sock.close()  # the client gives up on the trial
     assert wait_until(lambda: not node.breaker.trial_out and node.in_flight == 0, 2)
-    status, body = post(lb, {"model": "m", "prompt": "x", "stream": False})
+    status, _ = post(lb, {"model": "m", "prompt": "x", "stream": False})
     assert status == 200 and node.circuit is CircuitState.CLOSED
 
 

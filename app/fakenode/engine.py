@@ -41,7 +41,7 @@ class Engine:
 
     def model(self, body: dict[str, Any], missing_404: bool, style: str = "single",
               fallback_name: bool = False) -> str:
-        """The requested model, checked in the calling endpoint's words (reference §5.2)."""
+        """The requested model, checked in the calling endpoint's words."""
         model = body.get("model") or (body.get("name") if fallback_name else None) or ""
         if not isinstance(model, str):
             raise HTTPError(400, "json: cannot unmarshal number into Go struct field "

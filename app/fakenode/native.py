@@ -1,6 +1,6 @@
 """The native Ollama API: generate, chat, embed, embeddings, show, tags, ps, version, ``/``.
 
-Shapes and messages follow the reference (§3, §5): NDJSON streams with a final ``done`` line
+Shapes and messages are Ollama's: NDJSON streams with a final ``done`` line
 carrying the metrics, load and unload replies for an empty prompt, each endpoint's own wording
 for a missing or unknown model.
 """

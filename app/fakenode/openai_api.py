@@ -1,6 +1,6 @@
 """The OpenAI-compatible API Ollama serves under /v1: chat, completions, embeddings, models.
 
-Ollama translates these around its native handlers (reference §4), so status codes match the
+Ollama translates these around its native handlers, so status codes match the
 native ones and error bodies take OpenAI's shape. Streams are SSE ``data:`` frames ending with
 ``data: [DONE]``; the chat stream has a separate finish chunk, as current servers send it.
 """

@@ -1,6 +1,6 @@
 """The behaviour of a simulated Ollama node: models, loading, slots, timing, content.
 
-It follows the API reference's fake-node algorithm (§10.3) and capacity model (§9): a cold
+It models an Ollama server's scheduler and capacity: a cold
 model load takes the scheduler (bounded by ``max_queue``, 503 "server busy" past it), loaded
 models have ``num_parallel`` slots and requests beyond them wait without limit, at most
 ``max_loaded`` models stay resident (an idle one is evicted for a new one), and keep-alive
@@ -31,7 +31,7 @@ WORDS = ("the", "sky", "is", "blue", "because", "of", "rayleigh", "scattering", 
 
 @dataclass(frozen=True)
 class Profile:
-    """Timing of a simulated node; ``realistic`` uses the reference's GPU figures (§10)."""
+    """Timing of a simulated node; ``realistic`` uses figures typical of a single GPU."""
 
     load_s: float = 3.0  # cold load
     prefill_tps: float = 2000.0  # prompt tokens per second

@@ -4,7 +4,7 @@ The rootfs is made once with debootstrap and cached as a zstd tarball outside th
 (``$OLLAMA_LB_ROOTFS_CACHE``, default ``/var/cache/ollama-lb-test``); each run unpacks a fresh
 copy. The container shares the host's network namespace, so the appliance inside reaches
 simulated nodes the test runs on the host's loopback, and the test reaches the appliance.
-See ../shared/reference/deploy-testing.md for why each flag is there.
+Both --register=no and --keep-unit are needed: the host has no systemd or D-Bus.
 """
 
 from __future__ import annotations
