@@ -16,7 +16,7 @@ from pipeline.wait import AlertError, WaitStrategy
 class SequenceBarrier:
     """Tracks the cursor and the dependent stages' sequences for one stage."""
 
-    __slots__ = ("_alerted", "_cursor", "_dependents", "_strategy", "event")
+    __slots__ = ("_alerted", "_cursor", "_dependents", "_strategy", "event", "parked", "spins")
 
     def __init__(
         self, cursor: Sequence, dependents: list[Sequence], strategy: WaitStrategy
@@ -26,6 +26,16 @@ class SequenceBarrier:
         self._strategy = strategy
         self._alerted = False
         self.event = Event()  # parked-on by blocking strategies, owned by this barrier's stage
+        self.parked = False  # the stage sleeps on ``event`` until a sequence it follows moves
+        self.spins = 0  # how many yields the yielding strategy tries before parking next time
+        for seq in dependents or [cursor]:  # what gates this stage: only its moves matter
+            seq.followers.append(self)
+
+    def wake(self) -> None:
+        """A sequence this barrier follows moved: wake the stage if it is parked."""
+        if self.parked:
+            self.parked = False
+            self.event.set()
 
     def available(self) -> int:
         """Highest sequence every upstream party has finished with."""
@@ -44,6 +54,7 @@ class SequenceBarrier:
     def alert(self) -> None:
         """Make waiters raise AlertError: used to stop stages."""
         self._alerted = True
+        self.parked = False
         self.event.set()
 
     def clear_alert(self) -> None:

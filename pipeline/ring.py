@@ -54,7 +54,7 @@ class RingBuffer(Generic[T]):
     def publish(self, sequence: int) -> None:
         """Make ``sequence`` visible to the first stages and wake them."""
         self.cursor.value = sequence
-        self.strategy.signal_all()
+        self.strategy.signal(self.cursor)
 
     def remaining(self) -> int:
         """Free slots: what the producer could still claim right now."""

@@ -8,17 +8,23 @@ padding and no atomics are needed, only the discipline that claim/fill/publish n
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 INITIAL = -1
 
 
 class Sequence:
-    """A mutable counter; ``value`` is the last sequence number processed (or published)."""
+    """A mutable counter; ``value`` is the last sequence number processed (or published).
 
-    __slots__ = ("value",)
+    ``followers`` are the barriers gated on this sequence: only they are woken when it moves,
+    so a publish wakes the first stage and a stage wakes the next, never every parked stage.
+    """
+
+    __slots__ = ("followers", "value")
 
     def __init__(self, value: int = INITIAL) -> None:
         self.value = value
+        self.followers: list[Any] = []  # SequenceBarriers (with a ``wake()``) that wait on us
 
     def __repr__(self) -> str:
         return f"Sequence({self.value})"

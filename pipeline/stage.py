@@ -79,5 +79,5 @@ class Stage(Generic[T]):
             self.processed += available - next_seq + 1
             self.batches += 1
             self.sequence.value = available
-            strategy.signal_all()
+            strategy.signal(self.sequence)
             next_seq = available + 1

@@ -6,14 +6,15 @@ none of them may spin without yielding: a spin that never yields would starve th
 would be read, no timer would fire). What each one does under gevent:
 
 ``blocking``
-    Parks the stage on a ``gevent.event.Event``; whoever advances a sequence wakes the parked
-    stages. No CPU while idle; each wake-up costs one hub callback (~3-7 us).
+    Parks the stage on a ``gevent.event.Event``; whoever advances a sequence wakes only the
+    stages gated on that sequence (the producer wakes the first stage, each stage the next).
+    No CPU while idle; each wake-up costs one hub callback.
 ``yielding`` (default)
-    Re-checks after ``gevent.sleep(0)`` (other ready greenlets and pending callbacks run, such
-    as the producer publishing the rest of a burst) up to ``spin_tries`` (8) times, then parks
-    as ``blocking`` does. Best latency under load, no CPU while idle. (Measured with wrk
-    through the appliance: 50 tries cost ~0.5 ms more CPU per request at one client than 8,
-    spinning six stages around a hub that had nothing else to run.)
+    While work comes in bursts (the last wait found more than one slot ready), re-checks after
+    ``gevent.sleep(0)`` (other ready greenlets and pending callbacks run, such as the producer
+    publishing the rest of a burst) up to ``spin_tries`` (8) times before parking as
+    ``blocking`` does; otherwise parks at once. Spinning a lightly loaded ring only burns CPU
+    (figures in docs/performance.md).
 ``sleeping``
     Yields ``spin_tries`` times, then polls on a hub timer every ``sleep_seconds``. Never
     signalled, so publishers pay nothing, at the price of a poll timer while idle (about
@@ -32,6 +33,8 @@ from typing import Protocol
 import gevent
 from gevent.event import Event
 
+from pipeline.sequence import Sequence
+
 
 class AlertError(Exception):
     """Raised in a waiting stage when the pipeline is stopping."""
@@ -41,29 +44,26 @@ class Waitable(Protocol):
     """What a strategy needs from a barrier."""
 
     event: Event
+    parked: bool
+    spins: int
 
     def available(self) -> int: ...
     def check_alert(self) -> None: ...
 
 
 class WaitStrategy(ABC):
-    """Base: subclasses implement ``wait_for``; ``signal_all`` wakes parked waiters."""
+    """Base: subclasses implement ``wait_for``; ``signal`` wakes what follows a sequence."""
 
     name = "base"
-
-    def __init__(self) -> None:
-        self._parked: list[Event] = []
 
     @abstractmethod
     def wait_for(self, sequence: int, barrier: Waitable) -> int:
         """Return the highest available sequence once ``sequence`` is available."""
 
-    def signal_all(self) -> None:
-        """Wake every parked waiter. Cheap when nothing is parked (the busy case)."""
-        if self._parked:
-            for ev in self._parked:
-                ev.set()
-            self._parked.clear()
+    def signal(self, sequence: Sequence) -> None:
+        """``sequence`` moved: wake the parked stages gated on it (and only those)."""
+        for barrier in sequence.followers:
+            barrier.wake()
 
     def _park(self, sequence: int, barrier: Waitable) -> int:
         """Wait on the barrier's event until the sequence is available; no lost wake-ups.
@@ -78,7 +78,7 @@ class WaitStrategy(ABC):
             barrier.check_alert()
             ev = barrier.event
             ev.clear()
-            self._parked.append(ev)
+            barrier.parked = True
             ev.wait()
 
 
@@ -90,20 +90,31 @@ class BlockingWaitStrategy(WaitStrategy):
 
 
 class YieldingWaitStrategy(WaitStrategy):
+    """Yields before parking while work comes in bursts, up to ``spin_tries`` times.
+
+    A wait that ended with more than one slot available (a burst: the stage will batch) makes
+    the next wait spin the full budget; one that ended with a single slot makes the next wait
+    park at once. So a lightly loaded ring costs what ``blocking`` costs (one wake-up per stage
+    per request) and a busy one keeps its stages hot.
+    """
+
     name = "yielding"
 
     def __init__(self, spin_tries: int = 8) -> None:
-        super().__init__()
         self.spin_tries = spin_tries
 
     def wait_for(self, sequence: int, barrier: Waitable) -> int:
-        for _ in range(self.spin_tries):
+        available = -1
+        for _ in range(barrier.spins):
             available = barrier.available()
             if available >= sequence:
-                return available
+                break
             barrier.check_alert()
             gevent.sleep(0)
-        return self._park(sequence, barrier)
+        if available < sequence:
+            available = self._park(sequence, barrier)
+        barrier.spins = self.spin_tries if available > sequence else 0
+        return available
 
 
 class SleepingWaitStrategy(WaitStrategy):
@@ -127,7 +138,7 @@ class SleepingWaitStrategy(WaitStrategy):
             else:
                 gevent.sleep(self.sleep_seconds)
 
-    def signal_all(self) -> None:
+    def signal(self, sequence: Sequence) -> None:
         """Sleepers poll; nothing to wake."""
 
 
@@ -142,7 +153,7 @@ class BusySpinWaitStrategy(WaitStrategy):
             barrier.check_alert()
             gevent.sleep(0)
 
-    def signal_all(self) -> None:
+    def signal(self, sequence: Sequence) -> None:
         """Spinners re-check on their own; nothing to wake."""
 
 
