@@ -14,7 +14,7 @@ would be read, no timer would fire). What each one does under gevent:
     ``gevent.sleep(0)`` (other ready greenlets and pending callbacks run, such as the producer
     publishing the rest of a burst) up to ``spin_tries`` (8) times before parking as
     ``blocking`` does; otherwise parks at once. Spinning a lightly loaded ring only burns CPU
-    (figures in docs/performance.md).
+    (figures in tests/bench/performance.md).
 ``sleeping``
     Yields ``spin_tries`` times, then polls on a hub timer every ``sleep_seconds``. Never
     signalled, so publishers pay nothing, at the price of a poll timer while idle (about
