@@ -21,13 +21,24 @@ from marshmallow import fields as f
 
 from pipeline.endpoints import Endpoint
 
+# The Go struct each path's body decodes into, named in the decoder's messages; a bare name is
+# in package ``api``.
 GO_STRUCT = {
     "/api/generate": "GenerateRequest", "/v1/inference": "GenerateRequest",
     "/api/chat": "ChatRequest", "/api/embed": "EmbedRequest",
     "/api/embeddings": "EmbeddingRequest", "/api/show": "ShowRequest",
     "/api/push": "PushRequest", "/v1/chat/completions": "ChatCompletionRequest",
     "/v1/completions": "CompletionRequest", "/v1/embeddings": "EmbedRequest",
+    "/v1/responses": "openai.ResponsesRequest", "/v1/messages": "anthropic.MessagesRequest",
 }
+
+
+def go_struct(endpoint: Endpoint) -> tuple[str, str]:
+    """(the package-qualified struct name, the bare one), as Go's decoder names them: the
+    first for a body of the wrong JSON type, the second for a field of the wrong type."""
+    name = GO_STRUCT.get(endpoint.path, "GenerateRequest")
+    qualified = name if "." in name else f"api.{name}"
+    return qualified, qualified.rsplit(".", 1)[1]
 
 
 def go_type(value: Any) -> str:
@@ -154,10 +165,9 @@ def parse_body(endpoint: Endpoint, body: bytes,
         raise BadRequest("invalid character looking for beginning of value") from None
     except json.JSONDecodeError as exc:
         raise BadRequest(_json_error(exc)) from None
-    struct = GO_STRUCT.get(endpoint.path, "GenerateRequest")
     if not isinstance(payload, dict):
         raise BadRequest(f"json: cannot unmarshal {go_type(payload)} into Go value of type "
-                         f"api.{struct}")
+                         f"{go_struct(endpoint)[0]}")
     return payload
 
 
@@ -184,7 +194,7 @@ def load_facts(endpoint: Endpoint, payload: dict[str, Any]) -> dict[str, Any]:
     except ValidationError as exc:
         field, msgs = next(iter(exc.messages.items()))  # type: ignore[union-attr]
         got, want = str(msgs[0]).split("|", 1)
-        struct = GO_STRUCT.get(endpoint.path, "GenerateRequest")
+        struct = go_struct(endpoint)[1]
         raise BadRequest(f"json: cannot unmarshal {got} into Go struct field {struct}.{field} "
                          f"of type {want}") from None
 
@@ -213,9 +223,11 @@ def _text_len(value: Any) -> int:
 
 
 def prompt_length(payload: dict[str, Any]) -> int:
-    """Characters of prompt text in any endpoint's body (prompt, system, messages, input)."""
+    """Characters of prompt text in any endpoint's body (prompt, system, messages, input, and
+    the Responses API's instructions)."""
     return (_text_len(payload.get("prompt")) + _text_len(payload.get("system"))
-            + _text_len(payload.get("messages")) + _text_len(payload.get("input")))
+            + _text_len(payload.get("messages")) + _text_len(payload.get("input"))
+            + _text_len(payload.get("instructions")))
 
 
 ZERO_DURATIONS = {"0", "0s", "0m", "0h", "0ms", "-0"}
