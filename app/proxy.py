@@ -24,7 +24,7 @@ bp = Blueprint("ollama", __name__)
 
 MODEL_ROUTED = ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show",
                 "/api/push", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
-                "/v1/inference")
+                "/v1/inference", "/v1/responses", "/v1/messages")
 FORWARDED = ("User-Agent", "Accept", "Authorization")
 
 
@@ -62,11 +62,11 @@ def _submit(path: str, body: bytes, method: str = "POST", model: str | None = No
         with watching(request.environ.get("ollama_lb.socket"), ticket):
             result = ticket.result()
     except PipelineError as err:
-        resp = error_response(err, path)
+        resp = error_response(err, path, rid)
         resp.headers["X-Request-ID"] = rid
         return resp
     if isinstance(result, StreamHandle):
-        resp = Response(_relay(result), status=result.status, content_type=result.content_type,
+        resp = Response(StreamBody(result), status=result.status, content_type=result.content_type,
                         direct_passthrough=True)
     else:
         resp = Response(result.body, status=result.status, content_type=result.content_type)
@@ -74,12 +74,24 @@ def _submit(path: str, body: bytes, method: str = "POST", model: str | None = No
     return resp
 
 
-def _relay(handle: StreamHandle) -> Iterator[bytes]:
-    """Each upstream line as it arrives; cleanup runs however the stream ends."""
-    try:
-        yield from handle.lines()
-    finally:
-        handle.close()
+class StreamBody:
+    """The WSGI iterable of a relayed stream: each upstream piece as it arrives.
+
+    An object with ``close()`` rather than a generator: the server calls ``close()`` however
+    the response ends, even when iteration never started (a generator's ``finally`` would not
+    run then), and it closes the upstream stream and frees the node slot.
+    """
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: StreamHandle) -> None:
+        self.handle = handle
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.handle.lines())
+
+    def close(self) -> None:
+        self.handle.close()
 
 
 def model_routed() -> Response:

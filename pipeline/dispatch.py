@@ -210,6 +210,7 @@ class Dispatcher:
                           ctype: str) -> None:
         relay = StreamRelay(ticket, lease, resp, self.ledger, self.registry.release,
                             self.streams)
+        relay.watch_idle(self.settings().timeouts.streamIdleTimeoutMs / 1000.0)
         handle = StreamHandle(resp.status_code, ctype, relay.lines(), relay.close,
                               lease.node.id, ticket.attempts)
         if ticket.done():  # the caller went away meanwhile

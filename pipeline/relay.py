@@ -9,14 +9,16 @@ stops generating), gives the node slot back and finishes the request in the ledg
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 from collections.abc import Callable, Iterator
+from http.client import HTTPException
 
+from pipeline.endpoints import stream_error_frame
+from pipeline.idle import IdleTimer
 from pipeline.lease import Lease
 from pipeline.ledger import Ledger
 from pipeline.request import Ticket
-from pipeline.upstream import TRANSPORT_ERRORS, UpstreamResponse, describe, whole_lines
+from pipeline.upstream import TRANSPORT_ERRORS, UpstreamResponse, describe
 
 
 class StreamRelay:
@@ -37,34 +39,77 @@ class StreamRelay:
         self.complete = False  # the node's stream was read to its end
         self.closed = False
         self.cut_reason: str | None = None  # set by cut(): why the appliance ended the stream
+        self.idle: IdleTimer | None = None  # bounds the silence between pieces (watch_idle)
         live.add(self)
 
     def lines(self) -> Iterator[bytes]:
+        """The stream's complete lines, as many as have arrived in one piece per read."""
+        read, idle, pending = self.resp.read1, self.idle, b""
         try:
-            for piece in whole_lines(self.resp.iter_content()):
-                self.last_line = piece
-                if self.ndjson and not (piece.startswith(b"{") and piece.endswith(b"}\n")):
-                    reason = f"node {self.node.id}: malformed line in the stream"
-                    self.lease.failed(reason)
-                    self.outcome = "STREAM_BROKEN"
-                    self.complete = True
-                    yield self.error_line(reason)
+            while data := read():
+                if idle is not None:
+                    idle.touch()
+                end = data.rfind(b"\n")
+                if end < 0:
+                    pending += data
+                    continue
+                piece = pending + data[: end + 1] if pending else data[: end + 1]
+                pending = data[end + 1 :]
+                if (problem := self._check(piece)) is not None:
+                    yield problem
                     return
-                if piece.startswith(b'{"error"'):
-                    self.lease.failed(f"node {self.node.id}: error in stream")
-                    self.outcome = "STREAM_ERROR"
                 yield piece
+            if pending:  # a trailing fragment with no newline
+                yield pending
+            if self._interrupted():
+                raise ConnectionError("the stream ended early")
             self.complete = True
-        except TRANSPORT_ERRORS as exc:
-            self.complete = True
-            if self.cut_reason is not None:  # the appliance ended it: not the node's fault
-                self.outcome = "CUT"
-                yield self.error_line(self.cut_reason)
-                return
-            reason = f"node {self.node.id}: {describe(exc)} during the stream"
+        except (*TRANSPORT_ERRORS, HTTPException) as exc:
+            yield self._broken(exc)
+
+    def _check(self, piece: bytes) -> bytes | None:
+        """None for a good piece; else the error line that ends the stream."""
+        self.last_line = piece
+        if self.ndjson and not (piece.startswith(b"{") and piece.endswith(b"}\n")):
+            reason = f"node {self.node.id}: malformed line in the stream"
             self.lease.failed(reason)
             self.outcome = "STREAM_BROKEN"
-            yield self.error_line(reason)
+            self.complete = True
+            return self.error_line(reason)
+        if piece.startswith(b'{"error"'):
+            self.lease.failed(f"node {self.node.id}: error in stream")
+            self.outcome = "STREAM_ERROR"
+        return None
+
+    def _interrupted(self) -> bool:
+        return self.cut_reason is not None or (self.idle is not None and self.idle.expired)
+
+    def _broken(self, exc: BaseException) -> bytes:
+        """The stream failed: the one error line that ends it (not the node's fault if cut)."""
+        self.complete = True
+        if self.cut_reason is not None:  # the appliance ended it: not the node's fault
+            self.outcome = "CUT"
+            return self.error_line(self.cut_reason)
+        why = "read timed out" if self.idle is not None and self.idle.expired else describe(exc)
+        reason = f"node {self.node.id}: {why} during the stream"
+        self.lease.failed(reason)
+        self.outcome = "STREAM_BROKEN"
+        return self.error_line(reason)
+
+    def watch_idle(self, idle_s: float) -> None:
+        """Bound the silence between two pieces of the stream by one lazily re-armed timer."""
+        self.resp.set_read_timeout(None)
+        self.idle = IdleTimer(idle_s, self._shut)
+
+    def _shut(self) -> None:
+        """Wake the greenlet reading the node with an error (shutdown, not close: closing the
+        reader under a greenlet blocked in it raises there instead of ending the read)."""
+        sock = self.resp.socket()
+        if sock is None:
+            self.resp.raw.close()
+            return
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
     def cut(self, reason: str) -> None:
         """End the stream from outside (shutdown): the reader gets one error line, then EOF.
@@ -75,29 +120,20 @@ class StreamRelay:
         if self.closed or self.complete:
             return
         self.cut_reason = reason
-        # shut the socket down rather than close the response: closing its reader under the
-        # greenlet blocked in it raises there (reentrant call) instead of ending the read
-        sock = getattr(self.resp.raw.connection, "sock", None)
-        if sock is None:
-            self.resp.raw.close()
-            return
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+        self._shut()
 
     def error_line(self, message: str) -> bytes:
-        """One final error line: native ``{"error"}`` or an OpenAI SSE error frame."""
-        ep = self.ticket.endpoint
-        if ep is not None and ep.openai:
-            frame = {"error": {"message": message, "type": "api_error", "param": None,
-                               "code": None}}
-            return b"data: " + json.dumps(frame).encode() + b"\n\n"
-        return json.dumps({"error": message}).encode() + b"\n"
+        """One final error frame in the stream's own format: native ``{"error"}``, OpenAI's
+        SSE error frame, a Responses ``error`` event or an Anthropic ``event: error``."""
+        return stream_error_frame(self.ticket.endpoint, message, self.last_line)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         self.live.discard(self)
+        if self.idle is not None:
+            self.idle.cancel()
         if not self.complete:
             self.outcome = "CANCELLED"  # the caller stopped reading: the node call is cut
         try:

@@ -89,23 +89,34 @@ class UpstreamResponse:
         self._consumed = True
         return data
 
+    def read1(self, size: int = 65536) -> bytes:
+        """What has arrived of the body (at least one byte, at most one HTTP chunk), b"" at its
+        end. Read through http.client's response, which decodes chunked framing in one call,
+        rather than urllib3's chunk generator."""
+        fp = self.raw._fp  # the http.client response urllib3 wraps
+        data = fp.read1(size) if fp is not None and not fp.isclosed() else b""
+        if not data:
+            self._consumed = True
+        return data
+
     def iter_content(self) -> Iterator[bytes]:
         """The body as it arrives: one piece per HTTP chunk, never waiting to fill a buffer."""
-        if self.raw.chunked and self.raw.supports_chunked_reads():
-            yield from self.raw.read_chunked()
-        else:
-            while data := self.raw.read1(65536):
-                yield data
-        self._consumed = True
+        while data := self.read1():
+            yield data
 
     def json(self) -> Any:
         return json.loads(self.content)
 
-    def set_read_timeout(self, seconds: float) -> None:
-        """Change the socket timeout for the rest of the body (after the headers)."""
-        sock = getattr(self.raw.connection, "sock", None)
+    def set_read_timeout(self, seconds: float | None) -> None:
+        """Change the socket timeout for the rest of the body (after the headers); None: no
+        timeout on each read (a stream's idle timer bounds the silence instead)."""
+        sock = self.socket()
         if sock is not None:
             sock.settimeout(seconds)
+
+    def socket(self) -> Any:
+        """The connection's socket (None once it is gone)."""
+        return getattr(self.raw.connection, "sock", None)
 
     def close(self) -> None:
         """Keep the connection for reuse if the body was read to its end, else drop it."""
@@ -189,30 +200,3 @@ class UpstreamClient:
 
 def is_stream(content_type: str) -> bool:
     return content_type.split(";", 1)[0].strip().lower() in STREAM_TYPES
-
-
-def whole_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
-    """Regroup transport chunks into whole lines, yielded as soon as each line is complete.
-
-    Bytes are passed through untouched; nothing is added. A chunk holding several complete
-    lines is yielded as one piece (one write downstream). A trailing fragment with no newline
-    is yielded at EOF.
-    """
-    pending = bytearray()
-    for chunk in chunks:
-        if not chunk:
-            continue
-        end = chunk.rfind(b"\n")
-        if end < 0:
-            pending += chunk
-            continue
-        if pending:
-            pending += chunk[: end + 1]
-            yield bytes(pending)
-            pending.clear()
-        else:
-            yield chunk[: end + 1]
-        if end + 1 < len(chunk):
-            pending += chunk[end + 1 :]
-    if pending:
-        yield bytes(pending)

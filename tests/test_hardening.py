@@ -375,3 +375,13 @@ def test_node_whose_url_changes_starts_with_fresh_state(fake_node, appliance):
     lb.factory.health_checker.check_all(discover=True)
     assert after.has_model(canonical("k")) and not after.has_model(canonical("m"))
     assert post(lb, {"model": "k", "prompt": "x", "stream": False})[0] == 200
+
+
+def test_finished_streams_give_their_connection_back_for_reuse(fake_node, appliance):
+    fake = fake_node(["m"])
+    lb = appliance([fake], discover=False, healthCheck={"enabled": False, "discovery": False})
+    for _ in range(5):
+        r = requests.post(f"{lb.url}/api/generate", json={"model": "m", "prompt": "x"},
+                          timeout=10)
+        assert r.status_code == 200 and json.loads(r.text.splitlines()[-1])["done"] is True
+    assert fake.connections == 1  # one kept-alive connection carried all five streams
