@@ -12,7 +12,9 @@ default or a restart flag can never say one thing in the schema and another in t
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, replace
 from functools import cache
@@ -27,6 +29,7 @@ from marshmallow import fields as f
 STRATEGIES = ("round-robin", "weighted-round-robin", "least-in-flight", "random", "model-aware")
 WAIT_STRATEGIES = ("blocking", "sleeping", "yielding", "busy-spin")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+SCOPES = ("inference", "manage", "admin")  # what an API key may do (see app/auth.py)
 
 
 class ConfigError(ValueError):
@@ -63,6 +66,38 @@ def _http_url(value: str) -> None:
         raise ValidationError(f"bad port in {value!r}") from exc
 
 
+def _ip_network(value: str) -> None:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValidationError(f"must be an IP address or network (10.0.0.0/8), got {value!r}"
+                              ) from None
+
+
+def _sha256_digest(value: str) -> None:
+    if not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
+        raise ValidationError("must be 'sha256:' and 64 hex digits, as `ollama-lb hash-key KEY` "
+                              "prints it")
+
+
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def _unique_keys(keys: list[Any]) -> None:
+    """Two entries with one name would share usage and limits; one hash, two names: which?"""
+    for attr in ("name", "hash"):
+        seen = [getattr(k, attr) for k in keys]
+        dupes = sorted({v for v in seen if seen.count(v) > 1})
+        if dupes:
+            shown = ", ".join(dupes) if attr == "name" else f"{len(dupes)} hash(es)"
+            raise ValidationError(f"duplicate API key {attr}(s): {shown}")
+
+
+KEY_NAME = validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                           error="must be 1-64 letters, digits, '.', '_' or '-'")
+
+
 def _strip_slash(value: Any) -> Any:
     """``http://h:1/`` and ``http://h:1`` are one node; anything else is left to the check."""
     return value.rstrip("/") if isinstance(value, str) else value
@@ -92,6 +127,8 @@ class ServerConfig:
     allowedOrigins: tuple[str, ...] = setting((), items=NOT_EMPTY)  # CORS, like OLLAMA_ORIGINS
     writeTimeoutMs: int = setting(30_000, POSITIVE)  # a client taking nothing this long is cut
     keepAliveTimeoutMs: int = setting(75_000, POSITIVE)  # idle kept-alive client connections
+    # peers whose X-Forwarded-For / Forwarded headers are believed (addresses or networks)
+    trustedProxies: tuple[str, ...] = setting((), items=_ip_network)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,11 +198,43 @@ class ValidationConfig:
 class MetricsConfig:
     enabled: bool = setting(True)
     prefix: str = setting("ollama_lb", METRIC_NAME)
+    public: bool = setting(False)  # with API keys set: /metrics without an admin key?
 
 
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
     token: str | None = setting(None)  # also OLLAMA_LB_ADMIN_TOKEN; none: loopback clients only
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyConfig:
+    """One API key: only its SHA-256 digest is stored (keys are random: no slow hash needed)."""
+
+    name: str = setting(validator=KEY_NAME)  # in logs, metrics and /admin/usage
+    hash: str = setting(validator=_sha256_digest, clean=_lower)
+    scopes: tuple[str, ...] = setting(("inference",), validate.Length(min=1),
+                                      items=validate.OneOf(SCOPES))
+    models: tuple[str, ...] = setting((), items=NOT_EMPTY)  # globs; empty: every model
+    requestsPerMinute: int | None = setting(None, POSITIVE)
+    maxConcurrent: int | None = setting(None, POSITIVE)
+    tokensPerDay: int | None = setting(None, POSITIVE)  # prompt + completion, UTC day
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLimitsConfig:
+    """Limits per client IP address, applied while no API keys are configured."""
+
+    requestsPerMinute: int | None = setting(None, POSITIVE)
+    maxConcurrent: int | None = setting(None, POSITIVE)
+    tokensPerDay: int | None = setting(None, POSITIVE)
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    apiKeys: tuple[ApiKeyConfig, ...] = setting((), _unique_keys)
+    openManagement: bool = setting(False)  # without keys: manage endpoints beyond loopback?
+    clientLimits: ClientLimitsConfig = setting(ClientLimitsConfig())
+    usageFile: str | None = setting(None, restart=True)  # SQLite; relative: $STATE_DIRECTORY
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +256,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def admin_token(self) -> str | None:
         """The admin bearer token: the config's, else the environment's."""
@@ -197,6 +267,8 @@ class Config:
         data = to_dict(self)
         if data["admin"]["token"]:
             data["admin"]["token"] = "***"
+        for key in data["security"]["apiKeys"]:
+            key["hash"] = "***"  # a digest of a random key is no secret, but why show it
         return data
 
 
@@ -209,11 +281,18 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def settings() -> Iterator[tuple[str, Field[Any]]]:
-    """Every key of the file as ``(path, field)``: ``server.port``, ``nodes[].url``, ..."""
-    for name, hint in get_type_hints(Config).items():
-        cls, path = (NodeConfig, "nodes[]") if name == "nodes" else (hint, name)
-        yield from ((f"{path}.{fl.name}", fl) for fl in fields(cls))
+def settings(cls: type = Config, prefix: str = "") -> Iterator[tuple[str, Field[Any]]]:
+    """Every key of the file as ``(path, field)``: ``server.port``, ``nodes[].url``,
+    ``security.apiKeys[].name``, ...: nested sections and lists of them are walked into."""
+    hints = get_type_hints(cls)
+    for fl in fields(cls):
+        hint, path = hints[fl.name], f"{prefix}{fl.name}"
+        if get_origin(hint) is tuple and is_dataclass(get_args(hint)[0]):
+            yield from settings(get_args(hint)[0], f"{path}[].")
+        elif is_dataclass(hint):
+            yield from settings(hint, f"{path}.")
+        else:
+            yield path, fl
 
 
 # --- schemas, derived from the dataclasses -----------------------------------------------------
@@ -339,7 +418,8 @@ def parse_text(text: str, source: str = "config") -> Config:
 
 #: ``(section, key)`` of every key marked ``restart=True``, in declaration order.
 RESTART_KEYS: tuple[tuple[str, str], ...] = tuple(
-    (path.split(".")[0], fl.name) for path, fl in settings() if fl.metadata.get("restart"))
+    (name, fl.name) for name, hint in get_type_hints(Config).items() if is_dataclass(hint)
+    for fl in fields(hint) if fl.metadata.get("restart"))
 
 
 def restart_required(old: Config, new: Config) -> list[str]:

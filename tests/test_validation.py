@@ -108,7 +108,7 @@ def test_readme_configuration_table_matches_the_dataclasses():
 def test_restart_only_keys_are_the_flagged_fields_and_keep_their_running_values():
     assert [f"{s}.{k}" for s, k in RESTART_KEYS] == [
         "server.port", "server.host", "server.backlog", "disruptor.ringBufferSize",
-        "disruptor.waitStrategy"]
+        "disruptor.waitStrategy", "security.usageFile"]
     old = parse_config({})
     new = parse_config({"server": {"host": "10.0.0.1", "backlog": 5, "drainSeconds": 3},
                         "disruptor": {"waitStrategy": "blocking", "queueSize": 3}})
