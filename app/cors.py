@@ -37,9 +37,10 @@ def install(app: Flask, origins: Callable[[], tuple[str, ...]]) -> None:
 
     @app.before_request
     def preflight() -> Response | None:
-        if request.method != "OPTIONS" or "Origin" not in request.headers:
+        env = request.environ
+        origin = env.get("HTTP_ORIGIN")
+        if env["REQUEST_METHOD"] != "OPTIONS" or origin is None:
             return None
-        origin = request.headers["Origin"]
         if not allowed(origin, origins()):
             return Response(status=403)
         return Response(status=204, headers={
@@ -49,7 +50,7 @@ def install(app: Flask, origins: Callable[[], tuple[str, ...]]) -> None:
 
     @app.after_request
     def tag(resp: Response) -> Response:
-        origin = request.headers.get("Origin")
+        origin = request.environ.get("HTTP_ORIGIN")
         if origin and allowed(origin, origins()):
             resp.headers["Access-Control-Allow-Origin"] = origin
             resp.headers["Vary"] = "Origin"
