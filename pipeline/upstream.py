@@ -25,6 +25,8 @@ from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.util import Timeout
 
+from pipeline.wire import fast_connections
+
 STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 #: what a failed exchange with a node raises
 TRANSPORT_ERRORS = (Urllib3Error, OSError)
@@ -153,7 +155,7 @@ class UpstreamClient:
         # the pool size is opened and closed rather than waited for.
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=size, max_retries=0,
                               pool_block=False)
-        pool = adapter.poolmanager.connection_from_url(base_url)
+        pool = fast_connections(adapter.poolmanager.connection_from_url(base_url))
         self._adapters[base_url] = (size, adapter, pool)
         return pool
 
