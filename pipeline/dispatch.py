@@ -257,7 +257,7 @@ class Dispatcher:
             resp = self.upstream.send(
                 node.url, req.method, req.path, req.body, headers,
                 connect_timeout=t.connectTimeoutMs / 1000.0,
-                read_timeout=min(first_byte, remaining) + 1.0,
+                read_timeout=None,  # the one timer above bounds the wait, not one per read
                 pool_size=node.max_concurrent)
         # The headers are in: from here on, silence means a stalled stream, not a cold load.
         resp.set_read_timeout(t.streamIdleTimeoutMs / 1000.0)

@@ -142,6 +142,7 @@ class UpstreamClient:
     def __init__(self) -> None:
         self._adapters: dict[str, tuple[int, HTTPAdapter, Any]] = {}
         self.checked_out = 0  # responses handed out and not yet closed
+        self._timeouts: dict[tuple[float, float | None], Timeout] = {}
 
     def _pool(self, base_url: str, pool_size: int | None) -> Any:
         """The node's pool; ``pool_size`` None (probes, fan-outs) keeps whatever size it has."""
@@ -159,6 +160,16 @@ class UpstreamClient:
         self._adapters[base_url] = (size, adapter, pool)
         return pool
 
+    def _timeout(self, connect: float, read: float | None) -> Timeout:
+        """urllib3 validates every Timeout it is given: build each pair once."""
+        key = (connect, read)
+        timeout = self._timeouts.get(key)
+        if timeout is None:
+            if len(self._timeouts) > 64:
+                self._timeouts.clear()
+            timeout = self._timeouts[key] = Timeout(connect=connect, read=read)
+        return timeout
+
     def pool_size(self, base_url: str) -> int | None:
         """The size of the pool for a node URL (None before its first request)."""
         entry = self._adapters.get(base_url)
@@ -173,7 +184,7 @@ class UpstreamClient:
         raw = self._pool(base_url, pool_size).urlopen(
             method, path, body=body, headers=headers, retries=False, redirect=False,
             assert_same_host=False, preload_content=False, decode_content=False,
-            release_conn=False, timeout=Timeout(connect=connect_timeout, read=read_timeout))
+            release_conn=False, timeout=self._timeout(connect_timeout, read_timeout))
         return UpstreamResponse(raw, self)
 
     def get_json(self, base_url: str, path: str, connect_timeout: float,
