@@ -1,4 +1,9 @@
-"""A bare Flask-on-gevent hello world: the CPU-per-request floor the appliance is held to."""
+"""A bare Flask-on-gevent hello world: the CPU-per-request floor the appliance is held to.
+
+It runs on the appliance's own stack (patched gevent, pywsgi with the appliance's listener,
+Flask) and does nothing else, so "appliance CPU / hello world CPU" is what the proxying costs
+on top of hosting a Flask route at all. It answers the paths the harness posts to.
+"""
 
 from gevent import monkey
 
@@ -16,6 +21,7 @@ app = Flask("hello")
 
 @app.route("/", methods=["GET", "POST", "HEAD"])
 @app.route("/api/generate", methods=["POST"])
+@app.route("/v1/chat/completions", methods=["POST"])
 def hello() -> tuple[str, int, dict[str, str]]:
     return '{"response": "hello", "done": true}', 200, {"Content-Type": "application/json"}
 

@@ -1,6 +1,8 @@
 """Processes the benchmark harness starts and stops: nodes, the appliance, nginx, hello world.
 
-Every process listens on loopback only, is started by the harness and killed by it.
+Every process listens on loopback only, is started by the harness and killed by it. CPU and
+RSS are read from /proc for a process and all its descendants, because nginx does its work in
+worker processes (its master only supervises) and every proxy is charged what it really costs.
 """
 
 from __future__ import annotations
@@ -29,40 +31,84 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float = 20) -> None:
+def wait_http(url: str, timeout: float = 20, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Until ``url`` answers anything; fails at once if ``proc`` exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"exited with status {proc.returncode} before {url} answered")
         try:
             requests.get(url, timeout=1)
             return
         except requests.RequestException:
             time.sleep(0.05)
-    raise RuntimeError(f"{url} did not come up")
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and its live descendants (read from each thread's ``children`` list)."""
+    found, todo = [], [pid]
+    while todo and len(found) < 4096:
+        current = todo.pop()
+        found.append(current)
+        try:
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:  # exited meanwhile
+            continue
+    return found
+
+
+def cpu_seconds_of(pid: int) -> float:
+    """User + system CPU of one process, all its threads included (0 once it has gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb_of(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 class Proc:
+    """A started server: its URL, and its CPU and memory summed over its process tree."""
+
     def __init__(self, args: list[str], url: str, log: Path | None = None,
-                 ready: str = "/") -> None:
+                 ready: str = "/", ready_timeout: float = 20) -> None:
         self.log_path = log
         out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
         self.p = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT if log else
                                   subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         self.url = url
-        wait_http(url + ready)
+        try:
+            wait_http(url + ready, ready_timeout, self.p)
+        except RuntimeError as exc:
+            self.stop()
+            raise RuntimeError(f"{Path(args[0]).name}: {exc}{self._log_tail()}") from None
+
+    def _log_tail(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        tail = self.log_path.read_text(errors="replace").strip().splitlines()[-3:]
+        return (" (log: " + " | ".join(tail)[:300] + ")") if tail else ""
 
     @property
     def pid(self) -> int:
         return self.p.pid
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return sum(cpu_seconds_of(pid) for pid in tree_pids(self.pid))
 
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        return sum(rss_mb_of(pid) for pid in tree_pids(self.pid))
 
     def stop(self) -> None:
         if self.p.poll() is None:
@@ -109,10 +155,15 @@ def hello_world() -> Proc:
     return Proc([PY, str(HERE / "hello.py"), str(port)], f"http://127.0.0.1:{port}")
 
 
+def nginx_binary() -> str | None:
+    """nginx on PATH or in /usr/sbin (Debian puts it there, outside a normal user's PATH)."""
+    return shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
+                                     else None)
+
+
 def nginx(nodes: list[Proc], workdir: Path) -> Proc | None:
     """nginx as the reference proxy (least_conn, streaming unbuffered); None if absent."""
-    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
-                                       else None)
+    binary = nginx_binary()
     if binary is None:
         return None
     port = free_port()

@@ -1,8 +1,11 @@
 """A lean gevent streaming client: N concurrent streams, each line timed as it arrives.
 
 Raw sockets and a hand-rolled chunked reader, so that the client's own cost stays small next
-to what is measured. Run as a process by the harness (``python streamclient.py URL N``), it
-prints one JSON summary; ``one_stream`` is also used in-process by the routing scenario.
+to what is measured. Run as a process by the harness
+(``python streamclient.py URL N [MODEL] [RAMP_S] [PATH]``), it prints one JSON summary;
+``one_stream`` is also used in-process by the routing scenario. A path under ``/v1`` is an
+OpenAI chat stream (SSE, ended by ``data: [DONE]``), anything else an Ollama NDJSON stream
+(ended by a line with ``"done": true``); each non-blank line is one timed line.
 """
 
 from gevent import monkey
@@ -56,12 +59,17 @@ def one_stream(url: str, path: str, body: bytes, timeout: float = 120) -> dict[s
                     if line.strip():
                         out["times"].append(now)
                         out["last"] = line
-            last = out["last"]
-            out["done"] = b'"done": true' in last or b'"done":true' in last
+            out["done"] = finished(out["last"])
     except (OSError, ValueError, gevent.Timeout) as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
     out["last"] = out["last"][:200].decode(errors="replace")
     return out
+
+
+def finished(last: bytes) -> bool:
+    """Did the stream end the way its format ends a complete reply?"""
+    return (last.strip() == b"data: [DONE]" or b'"done": true' in last
+            or b'"done":true' in last)
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -77,7 +85,8 @@ def summarise(results: list[dict[str, Any]], stall_s: float = 1.0) -> dict[str, 
     stalled = sum(1 for r in results if any(
         b - a > stall_s for a, b in zip(r["times"], r["times"][1:], strict=False)))
     broken = [r for r in results if r["error"] or r["status"] != 200 or not r["done"]]
-    return {"streams": len(results), "ttft_p50_ms": _ms(pct(ttft, 50)),
+    return {"streams": len(results), "lines": sum(len(r["times"]) for r in results),
+            "ttft_p50_ms": _ms(pct(ttft, 50)),
             "ttft_p99_ms": _ms(pct(ttft, 99)), "gap_p50_ms": _ms(pct(gaps, 50)),
             "gap_p99_ms": _ms(pct(gaps, 99)), "gap_max_ms": _ms(max(gaps, default=None)),
             "stalled": stalled, "broken": len(broken),
@@ -91,13 +100,17 @@ def _ms(seconds: float | None) -> float | None:
 def main() -> None:
     url, n = sys.argv[1], int(sys.argv[2])
     model = sys.argv[3] if len(sys.argv) > 3 else "m"
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hello"}]}
-                      ).encode()
     ramp = float(sys.argv[4]) if len(sys.argv) > 4 else 0.5  # spread connects over this
+    path = sys.argv[5] if len(sys.argv) > 5 else "/api/chat"
+    request: dict[str, Any] = {"model": model,
+                               "messages": [{"role": "user", "content": "hello"}]}
+    if path.startswith("/v1"):
+        request["stream"] = True  # OpenAI's default is a complete reply
+    body = json.dumps(request).encode()
 
     def start(i: int) -> dict[str, Any]:
         gevent.sleep(ramp * i / max(1, n))
-        return one_stream(url, "/api/chat", body)
+        return one_stream(url, path, body)
 
     jobs = [gevent.spawn(start, i) for i in range(n)]
     gevent.joinall(jobs)
