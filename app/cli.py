@@ -1,4 +1,4 @@
-"""``ollama-lb``: serve (the default), check-config, fake-node, demo.
+"""``ollama-lb``: serve (the default), check-config, fake-node, demo, hash-key, new-key.
 
 gevent must patch the standard library before anything imports socket, ssl, requests or
 Flask, so the patch is the first statement here and in ``app/__main__.py``.
@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("serve", "check-config", "fake-node", "demo")
+COMMANDS = ("serve", "check-config", "fake-node", "demo", "hash-key", "new-key")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     fake.add_argument("--library", help="comma-separated models the registry has for pulls "
                       "(default: any validly named model)")
     fake.add_argument("--pull-mbps", type=float, help="pull/push transfer rate in MB/s")
+    hashk = sub.add_parser("hash-key", help="print the config `hash` of an API key")
+    hashk.add_argument("key", nargs="?", default="-",
+                       help="the key; '-' or nothing: read it from stdin (keeps it out of "
+                       "shell history and the process list)")
+    newk = sub.add_parser("new-key", help="print a fresh random API key and its config entry")
+    newk.add_argument("name", help="the key's name (in logs, metrics and /admin/usage)")
+    newk.add_argument("--scopes", default="inference",
+                      help="comma-separated: inference, manage, admin (default: inference)")
+    newk.add_argument("--models", help="comma-separated model globs the key may use")
     demo = sub.add_parser("demo", help="the appliance in front of three simulated nodes")
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--profile", choices=("realistic", "fast"), default="realistic")
@@ -72,6 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       tokens=args.tokens, prefill_tps=args.prefill_tps,
                       keep_alive_s=args.keep_alive_seconds)
         return 0
+    if args.command == "hash-key":
+        return hash_key(args.key)
+    if args.command == "new-key":
+        return new_key(args.name, args.scopes, args.models)
     if args.command == "demo":
         from app.demo import run_demo
 
@@ -91,6 +104,45 @@ def check_config(path: str) -> int:
         return 2
     print(f"{path}: OK ({len(cfg.nodes)} node(s), strategy {cfg.strategy.type}, "
           f"listening on {cfg.server.host}:{cfg.server.port})")
+    return 0
+
+
+def hash_key(key: str) -> int:
+    from app.keys import hash_key as digest
+
+    if key == "-":
+        key = sys.stdin.readline().rstrip("\r\n")
+    if not key:
+        print("hash-key: empty key", file=sys.stderr)
+        return 2
+    print(digest(key))
+    return 0
+
+
+def new_key(name: str, scopes: str, models: str | None) -> int:
+    """A key with 256 bits of entropy, and the entry that goes under security.apiKeys."""
+    import json
+
+    from app.keys import hash_key as digest
+    from app.keys import new_key as fresh
+    from pipeline.config import ConfigError, parse_config
+
+    key = fresh()
+    entry: dict[str, object] = {"name": name, "hash": digest(key),
+                                "scopes": [s.strip() for s in scopes.split(",") if s.strip()]}
+    if models:
+        entry["models"] = [m.strip() for m in models.split(",") if m.strip()]
+    try:
+        parse_config({"security": {"apiKeys": [entry]}})
+    except ConfigError as exc:
+        print("new-key: " + "; ".join(exc.problems), file=sys.stderr)
+        return 2
+    print(f"# the key (give it to the client; it is not stored anywhere, keep it secret):\n"
+          f"#   {key}\n# the config entry, under security.apiKeys:")
+    print(f"- name: {json.dumps(name)}\n  hash: {json.dumps(entry['hash'])}")
+    for field in ("scopes", "models"):
+        if field in entry:
+            print(f"  {field}: {json.dumps(entry[field])}")
     return 0
 
 

@@ -8,8 +8,9 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from app import admin, cors, manage, ops, proxy
+from app import admin, auth, cors, manage, ops, proxy
 from app.errors import error_body, json_response, plain
+from app.security import Security, exposure
 from pipeline.factory import PipelineFactory
 
 log = logging.getLogger("ollama_lb.http")
@@ -24,6 +25,8 @@ def create_app(factory: PipelineFactory, reload_state: Any = None) -> Flask:
     for bp in (proxy.bp, manage.bp, ops.bp, admin.bp):
         app.register_blueprint(bp)
     cors.install(app, lambda: app.extensions["ollama_lb"].config.server.allowedOrigins)
+    auth.install(app, Security.of(factory))  # after CORS: a preflight carries no key
+    exposure(factory.config, factory.config.server.host)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:

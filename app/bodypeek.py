@@ -1,0 +1,65 @@
+"""The models a request names, for keys with a model allow-list.
+
+The model of a model-routed call is in its JSON body, which the view reads afterwards. So the
+body is read here once (bounded by ``server.maxBodyBytes``), and the environ's input replaced
+by the same bytes, which the view then reads as if nothing happened. The model is read with
+the pipeline's own ``inspect`` (off the hub for a large body), so the name checked is the name
+routed. A body that cannot be parsed names no model: the pipeline refuses it with 400 without
+any node seeing it. Only requests of keys that have an allow-list pay for this.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+from pipeline.endpoints import endpoint_for
+from pipeline.validation import BadRequest, inspect_off_hub
+
+#: management endpoints and the body fields that name a model there
+MANAGE_NAMES = {"manage.pull": ("model", "name"), "manage.delete": ("model", "name"),
+                "manage.create": ("model", "name", "from"),
+                "manage.copy": ("source", "destination")}
+NOT_A_NAME = "(not a string)"
+
+
+def buffer_body(environ: dict[str, Any], limit: int) -> bytes | None:
+    """The body, with the environ's input replaced by it; None if over the limit (the view
+    answers 413 as it always does)."""
+    length = environ.get("CONTENT_LENGTH")
+    if length and length.isdigit() and int(length) > limit:
+        return None
+    body = environ["wsgi.input"].read(limit + 1)
+    environ["wsgi.input"] = io.BytesIO(body)
+    environ["CONTENT_LENGTH"] = str(len(body))
+    environ.pop("HTTP_TRANSFER_ENCODING", None)  # the bytes are all here now
+    return body if len(body) <= limit else None
+
+
+def models_named(endpoint: str, rule: str, view_args: dict[str, Any] | None,
+                 environ: dict[str, Any], limit: int) -> list[str]:
+    """Every model the request would use; [] when it names none (or cannot be read)."""
+    if endpoint == "ollama.openai_model":
+        return [str((view_args or {}).get("name", ""))]
+    fields = MANAGE_NAMES.get(endpoint)
+    ep = endpoint_for(rule) if fields is None and endpoint.startswith("ollama./") else None
+    if fields is None and ep is None:
+        return []
+    body = buffer_body(environ, limit)
+    if body is None:
+        return []
+    if ep is not None:
+        try:
+            raw = inspect_off_hub(ep, body).model_raw
+        except BadRequest:
+            return []
+        return [raw] if raw else []
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return []
+    if not isinstance(data, dict):
+        return []
+    names = [data[f] for f in fields if f in data and data[f] not in ("", None)]
+    return [n if isinstance(n, str) else NOT_A_NAME for n in names]

@@ -1,0 +1,142 @@
+"""Limits per principal (an API key, or a client address while no keys are configured).
+
+Three limits, each optional: requests per minute (a token bucket holding up to a minute's
+worth, so short bursts pass and a steady rate above the limit does not), requests in flight,
+and tokens per UTC day. A request over any of them is refused before anything reaches a node,
+with the seconds after which trying again can succeed. Checks that change nothing come first,
+so a request refused for concurrency does not also spend a bucket token.
+
+An admitted request holds a ``Grant``; its ``release()`` gives the in-flight place back and is
+idempotent, so every way a request can end may call it and the count is right once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Protocol
+
+
+class LimitSettings(Protocol):
+    """What an ``ApiKeyConfig`` or a ``ClientLimitsConfig`` has."""
+
+    requestsPerMinute: int | None
+    maxConcurrent: int | None
+    tokensPerDay: int | None
+
+
+class Denied(Exception):
+    """Over a limit: ``reason`` is rate, concurrency or tokens."""
+
+    def __init__(self, reason: str, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.retry_after = max(1, math.ceil(retry_after))
+
+
+def seconds_to_utc_midnight(wall: float | None = None) -> float:
+    now = time.time() if wall is None else wall
+    return 86400.0 - (now % 86400.0)
+
+
+class TokenBucket:
+    """``per_minute`` tokens, refilled continuously; holds at most a minute's worth."""
+
+    __slots__ = ("capacity", "level", "rate", "stamp")
+
+    def __init__(self, per_minute: int, now: float) -> None:
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self.level = self.capacity
+        self.stamp = now
+
+    def resize(self, per_minute: int) -> None:
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self.level = min(self.level, self.capacity)
+
+    def take(self, now: float) -> float:
+        """0.0 if a token was taken, else the seconds until one will be there."""
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.level >= 1.0:
+            self.level -= 1.0
+            return 0.0
+        return (1.0 - self.level) / self.rate
+
+    def full(self, now: float) -> bool:
+        return self.level + (now - self.stamp) * self.rate >= self.capacity
+
+
+class Allowance:
+    """The limit state of one principal: its bucket, and its requests in flight."""
+
+    __slots__ = ("bucket", "in_flight", "live")
+
+    def __init__(self) -> None:
+        self.bucket: TokenBucket | None = None
+        self.in_flight = 0
+        self.live: set[Grant] = set()  # admitted and not released (revoked on key removal)
+
+    def admit(self, who: str, limits: LimitSettings, used_today: int, now: float, *,
+              tokens: bool) -> None:
+        """Raise Denied if over a limit; otherwise count the request in (rate and place)."""
+        cap = limits.maxConcurrent
+        if cap is not None and self.in_flight >= cap:
+            raise Denied("concurrency", f"too many concurrent requests: {who} may have {cap} "
+                         "in flight", 1.0)
+        quota = limits.tokensPerDay
+        if tokens and quota is not None and used_today >= quota:
+            raise Denied("tokens", f"token quota exceeded: {who} has used {used_today} of "
+                         f"{quota} tokens today (UTC)", seconds_to_utc_midnight())
+        rpm = limits.requestsPerMinute
+        if rpm is None:
+            self.bucket = None
+        else:
+            if self.bucket is None:
+                self.bucket = TokenBucket(rpm, now)
+            elif self.bucket.capacity != rpm:
+                self.bucket.resize(rpm)
+            wait = self.bucket.take(now)
+            if wait:
+                raise Denied("rate", f"rate limit exceeded: {who} may send {rpm} requests "
+                             "per minute", wait)
+
+    def idle(self, now: float) -> bool:
+        """Nothing to remember: no request in flight and a full bucket (or none)."""
+        return not self.in_flight and (self.bucket is None or self.bucket.full(now))
+
+    def revoke(self) -> int:
+        """The key was removed: every live request of it is to stop (the meter cuts it)."""
+        for grant in self.live:
+            grant.revoked = True
+        return len(self.live)
+
+
+class Grant:
+    """One admitted request: what its end must give back and charge."""
+
+    __slots__ = ("account", "allowance", "counts_tokens", "key", "released", "revoked",
+                 "started")
+
+    def __init__(self, allowance: Allowance, account: Any, key: str | None,
+                 counts_tokens: bool) -> None:
+        self.allowance = allowance
+        self.account = account  # app.usage.Account: what the reply is charged to
+        self.key = key  # the key's name, or None (a client address without keys)
+        self.counts_tokens = counts_tokens
+        self.started = time.monotonic()
+        self.released = False
+        self.revoked = False
+        allowance.in_flight += 1
+        allowance.live.add(self)
+
+    def release(self) -> bool:
+        """Give the in-flight place back; True the first time only."""
+        if self.released:
+            return False
+        self.released = True
+        self.allowance.in_flight -= 1
+        self.allowance.live.discard(self)
+        return True

@@ -1,0 +1,127 @@
+"""The WSGI layer that ends an admitted request's accounting, exactly once.
+
+The gate (``app/auth.py``) admits a request with a ``Grant`` in the environ. This layer, around
+the Flask app, sees the reply go out: its status, its first byte (time to first token), the
+token counts in it (``app/tokencount.py``). When the server closes the reply, however it ended
+(complete, failed, the client gone, iteration never started), ``finish`` runs once: the
+in-flight place is released and the reply charged. It is an object with ``close()`` rather
+than a generator for that reason: a generator's ``finally`` does not run if it never started.
+
+A grant whose key was removed by a reload is ``revoked``: its stream ends at the next piece
+with one error line in the stream's own format, and the node's stream is closed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from app.limits import Grant
+from app.tokencount import TokenCounter
+from pipeline.endpoints import ANTHROPIC, OPENAI, api_for
+
+GRANT = "ollama_lb.grant"
+REVOKED = "API key revoked"
+StartResponse = Callable[..., Any]
+
+
+def revoked_line(content_type: str, path: str) -> bytes:
+    """The one error line a revoked stream ends with; b"" for a complete (non-stream) body."""
+    if "ndjson" in content_type:
+        return json.dumps({"error": REVOKED}).encode() + b"\n"
+    if "event-stream" not in content_type:
+        return b""
+    api = api_for(path)
+    if api == ANTHROPIC:
+        frame = {"type": "error", "error": {"type": "authentication_error", "message": REVOKED}}
+        return b"event: error\ndata: " + json.dumps(frame).encode() + b"\n\n"
+    error = {"message": REVOKED, "type": "invalid_request_error", "param": None,
+             "code": "invalid_api_key"}
+    if api == OPENAI:
+        return b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
+    return b"data: " + json.dumps({"error": REVOKED}).encode() + b"\n\n"
+
+
+class Metered:
+    """An admitted request's reply on its way out."""
+
+    __slots__ = ("closed", "content_type", "counter", "cut", "finish", "first_at", "grant",
+                 "inner", "path", "status")
+
+    def __init__(self, inner: Iterable[bytes], grant: Grant, status: int, content_type: str,
+                 path: str, finish: Callable[[Metered], None]) -> None:
+        self.inner = inner
+        self.grant = grant
+        self.status = status
+        self.content_type = content_type
+        self.path = path
+        self.finish = finish
+        self.counter = TokenCounter(content_type) if grant.counts_tokens else None
+        self.first_at: float | None = None
+        self.cut = False  # ended because the key was revoked
+        self.closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        grant, counter = self.grant, self.counter
+        for chunk in self.inner:
+            if grant.revoked:
+                self.cut = True
+                line = revoked_line(self.content_type, self.path)
+                if line:
+                    yield line
+                return
+            if chunk:
+                if self.first_at is None:
+                    self.first_at = time.monotonic()
+                if counter is not None:
+                    counter.observe(chunk)
+            yield chunk
+
+    @property
+    def streamed(self) -> bool:
+        return "ndjson" in self.content_type or "event-stream" in self.content_type
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            close = getattr(self.inner, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self.finish(self)
+
+
+class Meter:
+    """WSGI middleware: wraps the reply of every request the gate admitted with a grant."""
+
+    def __init__(self, app: Callable[[dict[str, Any], StartResponse], Iterable[bytes]],
+                 finish: Callable[[Metered], None]) -> None:
+        self.app = app
+        self.finish = finish
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse
+                 ) -> Iterable[bytes]:
+        seen: list[Any] = ["500", ()]
+
+        def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            seen[0], seen[1] = status, headers
+            return start_response(status, headers, exc_info)
+
+        try:
+            result = self.app(environ, capture)
+        except BaseException:
+            grant = environ.pop(GRANT, None)
+            if grant is not None:
+                self.finish(Metered((), grant, 500, "", environ.get("PATH_INFO", ""),
+                                    self.finish))
+            raise
+        grant = environ.get(GRANT)
+        if grant is None:
+            return result
+        ctype = next((v for k, v in seen[1] if k.lower() == "content-type"), "")
+        status = int(seen[0].split(" ", 1)[0]) if seen[0][:3].isdigit() else 500
+        return Metered(result, grant, status, ctype, environ.get("PATH_INFO", ""), self.finish)

@@ -1,0 +1,182 @@
+"""The appliance's security state: keys, proxy trust, accounts, usage series and file.
+
+One per pipeline factory, however many Flask apps are made on it (its Prometheus series can be
+registered once only). It follows the running config: every request compares the config
+object with the one it was built from (an identity test), so a reload (file watch, SIGHUP,
+``POST /admin/reload``) applies to the very next request, and a key that was removed, or whose
+hash changed, stops working at once; its live streams are cut (``app/meter.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from typing import Any
+
+from app.clientaddr import Client, ProxyTrust, is_loopback
+from app.keymetrics import KeyMetrics
+from app.keys import ApiKey, KeyRing
+from app.limits import Grant, LimitSettings
+from app.meter import Metered
+from app.usage import UsageBook, utc_day
+from app.usagestore import UsageStore, open_store
+from pipeline.config import Config
+from pipeline.factory import PipelineFactory
+
+log = logging.getLogger("ollama_lb.security")
+CLIENT = "ollama_lb.client"
+PEER = "ollama_lb.peer"  # the TCP peer, when REMOTE_ADDR was rewritten to the forwarded client
+
+_BY_FACTORY: weakref.WeakKeyDictionary[PipelineFactory, Security] = (
+    weakref.WeakKeyDictionary())
+
+
+def limited(limits: LimitSettings) -> bool:
+    return (limits.requestsPerMinute is not None or limits.maxConcurrent is not None
+            or limits.tokensPerDay is not None)
+
+
+class Security:
+    def __init__(self, factory: PipelineFactory) -> None:
+        self.factory = factory
+        self.book = UsageBook()
+        self.metrics = KeyMetrics(factory.metrics_registry, self.in_flight)
+        self.store: UsageStore | None = open_store(factory.config.security.usageFile,
+                                                   self.book)
+        self.keyring = KeyRing(())
+        self.trust = ProxyTrust(())
+        self._config: Config | None = None
+        self.refresh()
+
+    @classmethod
+    def of(cls, factory: PipelineFactory) -> Security:
+        sec = _BY_FACTORY.get(factory)
+        if sec is None:
+            sec = _BY_FACTORY[factory] = cls(factory)
+        return sec
+
+    # --- following the config -----------------------------------------------------------------
+
+    def refresh(self) -> Config:
+        """The running config, with keys and trust rebuilt if it changed since last time."""
+        cfg = self.factory.config
+        if cfg is not self._config:
+            self._apply(cfg)
+        return cfg
+
+    def _apply(self, cfg: Config) -> None:
+        old = self._config
+        if old is None or cfg.security.apiKeys != old.security.apiKeys:
+            self._new_keys(KeyRing(cfg.security.apiKeys), first=old is None)
+        if old is None or cfg.server.trustedProxies != old.server.trustedProxies:
+            self.trust = ProxyTrust(cfg.server.trustedProxies)
+        self._config = cfg
+
+    def _new_keys(self, ring: KeyRing, first: bool) -> None:
+        old = self.keyring
+        gone = [k.name for h, k in old.by_hash.items() if h not in ring.by_hash]
+        cut = 0
+        for name in gone:
+            if name in self.book.keys:
+                cut += self.book.keys[name].allowance.revoke()
+        self.keyring = ring
+        self.metrics.declare(list(ring.by_name))
+        if not first:
+            log.warning("API keys changed", extra={
+                "event": "api_keys", "keys": sorted(ring.by_name),
+                "added": sorted(k.name for h, k in ring.by_hash.items()
+                                if h not in old.by_hash),
+                "revoked": sorted(gone), "streams_cut": cut})
+
+    # --- who is asking ------------------------------------------------------------------------
+
+    def client(self, environ: dict[str, Any]) -> Client:
+        """The client of this request (cached in the environ); behind a trusted proxy,
+        REMOTE_ADDR becomes the forwarded client, so logs and limits see who it is."""
+        client = environ.get(CLIENT)
+        if client is None:
+            client = environ[CLIENT] = self.trust.resolve(environ)
+            if client.address != client.peer:
+                environ[PEER] = client.peer
+                environ["REMOTE_ADDR"] = client.address
+        return client
+
+    # --- admission and the end of a request ---------------------------------------------------
+
+    def admit_key(self, key: ApiKey, counts_tokens: bool) -> Grant:
+        """Raises Denied over a limit of the key."""
+        account = self.book.key(key.name)
+        account.allowance.admit(f"key '{key.name}'", key.config, account.used_today(utc_day()),
+                                time.monotonic(), tokens=counts_tokens)
+        return Grant(account.allowance, account, key.name, counts_tokens)
+
+    def admit_client(self, address: str, limits: LimitSettings, counts_tokens: bool) -> Grant:
+        now = time.monotonic()
+        account = self.book.client(address, now)
+        account.allowance.admit(f"client {address}", limits, account.used_today(utc_day()),
+                                now, tokens=counts_tokens)
+        return Grant(account.allowance, account, None, counts_tokens)
+
+    def finish(self, reply: Metered) -> None:
+        """The reply is closed: give the place back, then charge what it used."""
+        grant = reply.grant
+        if not grant.release():
+            return
+        tokens_in, tokens_out = (reply.counter.counts(reply.streamed)
+                                 if reply.counter is not None else (0, 0))
+        error = reply.status >= 400 or reply.cut
+        grant.account.charge(utc_day(), 1, int(error), tokens_in, tokens_out)
+        if grant.key is not None:
+            ttft = (reply.first_at - grant.started
+                    if reply.first_at is not None and grant.counts_tokens and not error
+                    else None)
+            self.metrics.finished(grant.key, error, tokens_in, tokens_out, ttft)
+            if self.store is not None:
+                self.store.dirty()
+
+    def rejected(self, key: str, reason: str) -> None:
+        self.metrics.rejections(key, reason).inc()
+
+    # --- reports ------------------------------------------------------------------------------
+
+    def in_flight(self) -> dict[str, int]:
+        return {name: self.book.key(name).allowance.in_flight for name in self.keyring.by_name}
+
+    def usage(self) -> dict[str, Any]:
+        self.refresh()
+        doc = self.book.report(sorted(self.keyring.by_name))
+        doc["persisted"] = self.store.path if self.store is not None else None
+        return doc
+
+    def close(self) -> None:
+        """Write pending usage (the process is stopping)."""
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+
+def exposure(cfg: Config, host: str) -> None:
+    """Say loudly, at start, what a server listening beyond loopback leaves open."""
+    sec = cfg.security
+    local = host == "localhost" or is_loopback(host)
+    fields: dict[str, Any] = {"event": "exposure", "host": host,
+                              "api_keys": len(sec.apiKeys),
+                              "admin": "token" if cfg.admin_token() else (
+                                  "admin keys" if sec.apiKeys else "loopback only")}
+    if sec.apiKeys:
+        fields["metrics"] = "public" if cfg.metrics.public else "admin keys or token"
+        log.warning("API keys required on every route but /, /health*", extra=fields)
+        return
+    fields["inference"] = "open to every client"
+    fields["management"] = ("OPEN to every client" if sec.openManagement
+                            else "loopback clients only")
+    fields["metrics"] = "open"
+    if local:
+        log.info("no API keys configured; listening on loopback only", extra=fields)
+        return
+    log.warning("NO API KEYS: anyone who can reach this port can run inference on every node"
+                + ("; model management (pull, push, create, copy, delete) is OPEN to them too"
+                   if sec.openManagement else
+                   "; model management is refused beyond loopback")
+                + "; set security.apiKeys (ollama-lb new-key NAME) to require keys", extra=fields)

@@ -1,0 +1,295 @@
+"""API keys, scopes, model allow-lists, management without keys, proxy trust, reload, secrets.
+
+Real clients through the appliance: the official ``ollama`` client with ``headers=``, the
+``openai`` client with ``api_key=``, ``requests`` for the rest. Limits and usage are in
+``test_security_limits.py``, the fuzz test in ``test_security_fuzz.py``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import subprocess
+import sys
+
+import ollama
+import openai
+import pytest
+import requests
+import yaml
+from conftest import lb_config
+
+from app.keys import hash_key, new_key
+from app.logs import JsonFormatter
+from app.web import create_app
+from pipeline.config import parse_config
+from pipeline.factory import PipelineFactory
+
+INFER, MANAGER, ADMIN, ONLY_LLAMA = new_key(), new_key(), new_key(), new_key()
+
+
+def entry(name: str, key: str, **extra):
+    return {"name": name, "hash": hash_key(key), **extra}
+
+
+KEYS = [entry("team-search", INFER), entry("ops", MANAGER, scopes=["inference", "manage"]),
+        entry("root", ADMIN, scopes=["admin"]),
+        entry("llama-only", ONLY_LLAMA, models=["llama3.2*"])]
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+HEALTH_PATHS = {"/api/version", "/api/tags", "/api/ps"}  # the appliance's own checks
+
+
+def traffic(node) -> dict[str, int]:
+    """What clients' requests the node received: every path but the health checker's."""
+    return {p: n for p, n in node.stats.by_path.items() if p not in HEALTH_PATHS}
+
+
+@pytest.fixture
+def logs():
+    """Everything the appliance logs, as JSON lines."""
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("ollama_lb")
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.DEBUG)
+    yield buf
+    logger.setLevel(old)
+    logger.removeHandler(handler)
+
+
+@pytest.fixture
+def keyed(fake_node, appliance):
+    node = fake_node(["llama3.2", "all-minilm"])
+    return appliance([node], security={"apiKeys": KEYS}), node
+
+
+# --- the CLI ----------------------------------------------------------------------------------
+
+def test_hash_key_prints_the_digest_and_new_key_a_random_key_with_its_entry():
+    run = [sys.executable, "-m", "app"]
+    out = subprocess.run([*run, "hash-key"], input="s3cret\n", capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0 and out.stdout.strip() == hash_key("s3cret")
+    assert hash_key("s3cret").startswith("sha256:") and len(hash_key("s3cret")) == 71
+    out = subprocess.run([*run, "new-key", "team-a", "--scopes", "inference,manage"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0
+    key = next(line.split()[-1] for line in out.stdout.splitlines() if "olb_" in line)
+    assert len(key) - len("olb_") >= 43  # 32 random bytes in URL-safe base64: 256 bits
+    (cfg_entry,) = yaml.safe_load("\n".join(line for line in out.stdout.splitlines()
+                                            if not line.startswith("#")))
+    assert cfg_entry == {"name": "team-a", "hash": hash_key(key),
+                         "scopes": ["inference", "manage"]}
+    parse_config({"security": {"apiKeys": [cfg_entry]}})  # the entry is a valid config
+    again = subprocess.run([*run, "new-key", "team-a"], capture_output=True, text=True,
+                           timeout=30)
+    assert key not in again.stdout  # fresh every time
+    bad = subprocess.run([*run, "new-key", "no spaces"], capture_output=True, text=True,
+                         timeout=30)
+    assert bad.returncode == 2 and "name" in bad.stderr
+
+
+# --- keys with real clients -------------------------------------------------------------------
+
+def test_ollama_client_with_a_valid_key_works_and_without_one_gets_401(keyed):
+    lb, node = keyed
+    good = ollama.Client(host=lb.url, headers=bearer(INFER))
+    assert good.chat(model="llama3.2", messages=[{"role": "user", "content": "hi"}]).done
+    assert [c.done for c in good.generate(model="llama3.2", prompt="x", stream=True)][-1]
+    before = traffic(node)
+    for client in (ollama.Client(host=lb.url), ollama.Client(host=lb.url,
+                                                             headers=bearer("olb_wrong"))):
+        with pytest.raises(ollama.ResponseError) as err:
+            client.chat(model="llama3.2", messages=[{"role": "user", "content": "hi"}])
+        assert err.value.status_code == 401 and err.value.error == "unauthorized"
+        with pytest.raises(ollama.ResponseError):
+            client.list()
+    assert traffic(node) == before  # nothing reached the node
+    r = requests.post(f"{lb.url}/api/chat", json={"model": "llama3.2"}, timeout=5,
+                      headers={"Authorization": "Basic dXNlcjpwYXNz"})
+    assert r.status_code == 401 and r.json() == {"error": "unauthorized"}
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_root_and_health_need_no_key_but_everything_else_does(keyed):
+    lb, _ = keyed
+    for path in ("/", "/health", "/health/live", "/health/ready"):
+        assert requests.get(f"{lb.url}{path}", timeout=5).status_code == 200, path
+    assert requests.head(f"{lb.url}/", timeout=5).status_code == 200
+    for method, path in (("GET", "/api/tags"), ("GET", "/api/version"), ("GET", "/api/ps"),
+                         ("GET", "/v1/models"), ("GET", "/metrics"), ("GET", "/admin/nodes"),
+                         ("GET", "/no/such/path"), ("POST", "/"), ("GET", "/api/tags/")):
+        r = requests.request(method, f"{lb.url}{path}", timeout=5)
+        assert r.status_code == 401, (method, path)
+    assert requests.get(f"{lb.url}/no/such/path", headers=bearer(INFER),
+                        timeout=5).status_code == 404
+
+
+def test_openai_client_with_api_key_works_and_a_wrong_one_raises_authentication_error(keyed):
+    lb, node = keyed
+    good = openai.OpenAI(base_url=f"{lb.url}/v1", api_key=INFER, max_retries=0)
+    reply = good.chat.completions.create(model="llama3.2",
+                                         messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content
+    assert [m.id for m in good.models.list()]
+    bad = openai.OpenAI(base_url=f"{lb.url}/v1", api_key="olb_nope", max_retries=0)
+    before = traffic(node)
+    with pytest.raises(openai.AuthenticationError) as err:
+        bad.chat.completions.create(model="llama3.2", messages=[{"role": "user",
+                                                                 "content": "hi"}])
+    assert err.value.status_code == 401
+    assert err.value.body == {"message": "unauthorized", "type": "invalid_request_error",
+                              "param": None, "code": "invalid_api_key"}
+    assert traffic(node) == before
+
+
+def test_anthropic_messages_get_anthropic_shaped_401(keyed):
+    lb, _ = keyed
+    r = requests.post(f"{lb.url}/v1/messages", json={"model": "llama3.2", "max_tokens": 5,
+                                                     "messages": []}, timeout=5)
+    assert r.status_code == 401
+    assert r.json()["type"] == "error"
+    assert r.json()["error"] == {"type": "authentication_error", "message": "unauthorized"}
+    ok = requests.post(f"{lb.url}/v1/messages", headers={"x-api-key": INFER}, timeout=5,
+                       json={"model": "llama3.2", "max_tokens": 5,
+                             "messages": [{"role": "user", "content": "hi"}]})
+    assert ok.status_code == 200 and ok.json()["type"] == "message"
+
+
+# --- scopes and models --------------------------------------------------------------------------
+
+def test_a_key_without_the_scope_gets_403_naming_it(keyed):
+    lb, node = keyed
+    client = ollama.Client(host=lb.url, headers=bearer(INFER))
+    with pytest.raises(ollama.ResponseError) as err:
+        client.pull("llama3.2", stream=False)
+    assert err.value.status_code == 403 and "'manage'" in err.value.error
+    assert "team-search" in err.value.error
+    with pytest.raises(ollama.ResponseError) as err:
+        client.delete("llama3.2")
+    assert err.value.status_code == 403
+    assert "/api/delete" not in node.stats.by_path and "/api/pull" not in node.stats.by_path
+    r = requests.get(f"{lb.url}/admin/nodes", headers=bearer(INFER), timeout=5)
+    assert r.status_code == 403 and "'admin'" in r.json()["error"]
+    assert requests.get(f"{lb.url}/metrics", headers=bearer(INFER), timeout=5
+                        ).status_code == 403
+    # the admin-only key may administer but not infer
+    assert requests.get(f"{lb.url}/admin/nodes", headers=bearer(ADMIN), timeout=5).ok
+    assert requests.get(f"{lb.url}/metrics", headers=bearer(ADMIN), timeout=5).ok
+    r = requests.post(f"{lb.url}/api/generate", json={"model": "llama3.2", "prompt": "x"},
+                      headers=bearer(ADMIN), timeout=5)
+    assert r.status_code == 403 and "'inference'" in r.json()["error"]
+    ops = ollama.Client(host=lb.url, headers=bearer(MANAGER))
+    assert ops.pull("llama3.2", stream=False).status == "success"
+    assert ops.copy("llama3.2", "mine") is not None and ops.delete("mine") is not None
+    assert node.stats.by_path.get("/api/pull") == 1
+
+
+def test_the_admin_token_still_works_with_keys_and_metrics_can_be_public(fake_node, appliance):
+    lb = appliance([fake_node(["m"])], admin={"token": "tok"}, metrics={"public": True},
+                   security={"apiKeys": KEYS})
+    assert requests.get(f"{lb.url}/admin/nodes", headers=bearer("tok"), timeout=5).ok
+    assert requests.get(f"{lb.url}/admin/nodes", headers=bearer(ADMIN), timeout=5).ok
+    assert requests.get(f"{lb.url}/admin/nodes", timeout=5).status_code == 401
+    r = requests.post(f"{lb.url}/api/generate", json={"model": "m", "prompt": "x"},
+                      headers=bearer("tok"), timeout=5)
+    assert r.status_code == 401  # the admin token is no inference key
+    assert requests.get(f"{lb.url}/metrics", timeout=5).ok  # public
+
+
+def test_a_model_allow_list_refuses_other_models_before_any_node_sees_them(keyed):
+    lb, node = keyed
+    client = ollama.Client(host=lb.url, headers=bearer(ONLY_LLAMA))
+    assert client.generate(model="llama3.2:latest", prompt="x").done
+    assert client.generate(model="registry.ollama.ai/library/LLAMA3.2", prompt="x").done
+    before = traffic(node)
+    with pytest.raises(ollama.ResponseError) as err:
+        client.embed(model="all-minilm", input="x")
+    assert err.value.status_code == 403 and "'all-minilm'" in err.value.error
+    with pytest.raises(ollama.ResponseError):
+        client.show("all-minilm")
+    oa = openai.OpenAI(base_url=f"{lb.url}/v1", api_key=ONLY_LLAMA, max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError):
+        oa.embeddings.create(model="all-minilm", input="x")
+    with pytest.raises(openai.PermissionDeniedError):
+        oa.models.retrieve("all-minilm")
+    assert traffic(node) == before
+    # listings show only what the key may use
+    assert [m.model for m in client.list().models] == ["llama3.2:latest"]
+    assert [m.id for m in oa.models.list()] == ["llama3.2:latest"]
+    every = ollama.Client(host=lb.url, headers=bearer(INFER)).list().models
+    assert len(every) == 2
+
+
+# --- without keys -------------------------------------------------------------------------------
+
+def test_without_keys_management_answers_loopback_only_and_never_through_a_proxy(fake_node,
+                                                                                appliance):
+    node = fake_node(["m"])
+    lb = appliance([node])
+    assert ollama.Client(host=lb.url).generate(model="m", prompt="x").done  # inference: open
+    assert ollama.Client(host=lb.url).copy("m", "m2") is not None  # loopback: manage allowed
+    proxied = ollama.Client(host=lb.url, headers={"X-Forwarded-For": "127.0.0.1"})
+    with pytest.raises(ollama.ResponseError) as err:
+        proxied.delete("m2")
+    assert err.value.status_code == 403 and "security.openManagement" in err.value.error
+    for header in ({"Forwarded": "for=127.0.0.1"}, {"X-Real-IP": "127.0.0.1"}):
+        r = requests.post(f"{lb.url}/api/pull", json={"model": "m"}, headers=header, timeout=5)
+        assert r.status_code == 403
+        assert requests.get(f"{lb.url}/admin/nodes", headers=header,
+                            timeout=5).status_code == 403
+    assert "/api/delete" not in node.stats.by_path and "/api/pull" not in node.stats.by_path
+    assert ollama.Client(host=lb.url, headers={"X-Forwarded-For": "192.0.2.9"}).generate(
+        model="m", prompt="x").done  # inference stays open to everyone
+
+
+def test_trusted_proxies_pass_the_forwarded_client_on(fake_node, appliance):
+    lb = appliance([fake_node(["m"])], server={"trustedProxies": ["127.0.0.0/8"]})
+    far = {"X-Forwarded-For": "192.0.2.9, 127.0.0.1"}
+    r = requests.post(f"{lb.url}/api/copy", json={"source": "m", "destination": "x"},
+                      headers=far, timeout=5)
+    assert r.status_code == 403  # the client behind the proxies is not local
+    near = {"X-Forwarded-For": "127.0.0.1"}
+    assert requests.post(f"{lb.url}/api/copy", json={"source": "m", "destination": "x"},
+                         headers=near, timeout=5).status_code == 200
+    assert requests.get(f"{lb.url}/admin/nodes", headers=near, timeout=5).ok
+    assert requests.get(f"{lb.url}/admin/nodes", headers={"Forwarded": 'for="[2001:db8::1]"'},
+                        timeout=5).status_code == 403
+
+
+def test_open_management_lets_every_client_manage(fake_node, appliance):
+    lb = appliance([fake_node(["m"])], security={"openManagement": True})
+    r = requests.post(f"{lb.url}/api/copy", json={"source": "m", "destination": "x"},
+                      headers={"X-Forwarded-For": "192.0.2.9"}, timeout=5)
+    assert r.status_code == 200
+
+
+def test_admin_and_manage_refuse_clients_beyond_loopback_in_process(fake_node):
+    cfg = parse_config(lb_config([fake_node(["m"])]))
+    with PipelineFactory(cfg).start(health_checks=False) as factory:
+        client = create_app(factory).test_client()
+        far = {"REMOTE_ADDR": "192.0.2.7"}
+        r = client.post("/api/pull", json={"model": "m"}, environ_base=far)
+        assert r.status_code == 403 and "security.apiKeys" in r.get_json()["error"]
+        assert client.get("/admin/nodes", environ_base=far).status_code == 403
+        mapped = {"REMOTE_ADDR": "::ffff:127.0.0.1"}
+        assert client.get("/admin/nodes", environ_base=mapped).status_code == 200
+
+
+def test_the_start_log_says_what_is_open_beyond_loopback(fake_node, logs):
+    for security, words in (({}, "NO API KEYS"), ({"openManagement": True}, "OPEN"),
+                            ({"apiKeys": KEYS}, "API keys required")):
+        cfg = parse_config({**lb_config([fake_node(["m"])]), "security": security,
+                            "server": {"host": "0.0.0.0", "port": 0}})
+        factory = PipelineFactory(cfg)
+        create_app(factory)
+        line = json.loads([x for x in logs.getvalue().splitlines() if "exposure" in x][-1])
+        assert words in line["msg"] and line["level"] == "WARNING", line
