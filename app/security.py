@@ -39,7 +39,8 @@ def limited(limits: LimitSettings) -> bool:
 
 class Security:
     def __init__(self, factory: PipelineFactory) -> None:
-        self.factory = factory
+        # weakly: this object is the factory's value in _BY_FACTORY, which must not keep it
+        self._factory = weakref.ref(factory)
         self.book = UsageBook()
         self.metrics = KeyMetrics(factory.metrics_registry, self.in_flight)
         self.store: UsageStore | None = open_store(factory.config.security.usageFile,
@@ -48,6 +49,12 @@ class Security:
         self.trust = ProxyTrust(())
         self._config: Config | None = None
         self.refresh()
+
+    @property
+    def factory(self) -> PipelineFactory:
+        factory = self._factory()
+        assert factory is not None, "the pipeline factory is gone"
+        return factory
 
     @classmethod
     def of(cls, factory: PipelineFactory) -> Security:

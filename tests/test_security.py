@@ -18,10 +18,11 @@ import openai
 import pytest
 import requests
 import yaml
-from conftest import lb_config
+from conftest import assert_no_leaks, lb_config
 
 from app.keys import hash_key, new_key
 from app.logs import JsonFormatter
+from app.server import OllamaLoadBalancerApplication
 from app.web import create_app
 from pipeline.config import parse_config
 from pipeline.factory import PipelineFactory
@@ -293,3 +294,98 @@ def test_the_start_log_says_what_is_open_beyond_loopback(fake_node, logs):
         create_app(factory)
         line = json.loads([x for x in logs.getvalue().splitlines() if "exposure" in x][-1])
         assert words in line["msg"] and line["level"] == "WARNING", line
+
+
+# --- reload -----------------------------------------------------------------------------------
+
+def test_keys_and_limits_reload_and_a_removed_key_stops_at_once(fake_node, tmp_path):
+    node = fake_node(["m"], decode_tps=20, tokens=40)  # a 2 s stream
+    path = tmp_path / "c.yaml"
+    extra = new_key()
+
+    def write(keys) -> None:
+        path.write_text(yaml.safe_dump(lb_config([node], security={"apiKeys": keys})))
+
+    write(KEYS)
+    app = OllamaLoadBalancerApplication(str(path), watch=False).start()
+    try:
+        client = ollama.Client(host=app.url, headers=bearer(INFER))
+        stream = iter(client.generate(model="m", prompt="x", stream=True))
+        assert not next(stream).done
+        write([*(k for k in KEYS if k["name"] not in ("team-search", "ops")), entry("new", extra),
+               entry("ops", MANAGER, scopes=["inference"], requestsPerMinute=1)])
+        assert app.reload_state.reload("test")["result"] == "applied"
+        with pytest.raises(ollama.ResponseError) as err:
+            client.generate(model="m", prompt="y")
+        assert err.value.status_code == 401  # removed: refused at once
+        with pytest.raises(ollama.ResponseError) as err:
+            list(stream)
+        assert "revoked" in err.value.error  # and its live stream is cut with an error line
+        assert ollama.Client(host=app.url, headers=bearer(extra)).generate(
+            model="m", prompt="x", options={"num_predict": 1}).done  # added: works at once
+        ops = ollama.Client(host=app.url, headers=bearer(MANAGER))
+        assert ops.generate(model="m", prompt="x", options={"num_predict": 1}).done
+        with pytest.raises(ollama.ResponseError) as err:
+            ops.generate(model="m", prompt="x")
+        assert err.value.status_code == 429  # its new limit applies
+        with pytest.raises(ollama.ResponseError) as err:
+            ops.pull("m", stream=False)
+        assert err.value.status_code == 403  # and its narrower scopes
+        assert_no_leaks(app)
+    finally:
+        app.shutdown(drain_s=0)
+
+
+# --- secrets ----------------------------------------------------------------------------------
+
+def record_headers(node) -> list[dict[str, str]]:
+    """The HTTP headers of every request the node receives."""
+    seen: list[dict[str, str]] = []
+    inner = node._server.application
+
+    def app(environ, start_response):
+        seen.append({"PATH": environ["PATH_INFO"],
+                     **{k: v for k, v in environ.items() if k.startswith("HTTP_")}})
+        return inner(environ, start_response)
+
+    node._server.application = app
+    return seen
+
+
+def test_keys_never_reach_nodes_logs_config_metrics_or_errors(fake_node, appliance, logs):
+    node = fake_node(["llama3.2"])
+    seen = record_headers(node)
+    lb = appliance([node], security={"apiKeys": KEYS}, logging={"level": "DEBUG"})
+    ollama.Client(host=lb.url, headers=bearer(INFER)).generate(model="llama3.2",
+                                                               prompt="TOP SECRET PROMPT")
+    oa = openai.OpenAI(base_url=f"{lb.url}/v1", api_key=INFER, max_retries=0)
+    list(oa.chat.completions.create(model="llama3.2", stream=True,
+                                    messages=[{"role": "user", "content": "TOP SECRET"}]))
+    requests.post(f"{lb.url}/api/embed", json={"model": "llama3.2", "input": "x"},
+                  headers={"x-api-key": INFER}, timeout=5)
+    bodies = [requests.post(f"{lb.url}/api/chat", json={"model": "llama3.2"}, timeout=5,
+                            headers=bearer(INFER + "x")).text,
+              requests.post(f"{lb.url}/api/pull", json={"model": "llama3.2"}, timeout=5,
+                            headers=bearer(INFER)).text,
+              requests.get(f"{lb.url}/admin/config", headers=bearer(ADMIN), timeout=5).text,
+              requests.get(f"{lb.url}/metrics", headers=bearer(ADMIN), timeout=5).text]
+    config = json.loads(bodies[2])["config"]["security"]["apiKeys"]
+    assert [k["hash"] for k in config] == ["***"] * len(KEYS)
+    paths = [h["PATH"] for h in seen if h["PATH"] not in HEALTH_PATHS]
+    assert paths == ["/api/generate", "/v1/chat/completions", "/api/embed"]  # these went on
+    assert all("HTTP_AUTHORIZATION" not in h and "HTTP_X_API_KEY" not in h for h in seen)
+    text = logs.getvalue() + "".join(bodies)
+    for secret in (INFER, ADMIN, *(k["hash"][7:] for k in KEYS)):
+        assert secret not in text
+    assert "TOP SECRET" not in logs.getvalue()
+    assert '"key": "team-search"' in logs.getvalue()  # the name is what logs show
+
+
+def test_without_keys_the_authorization_header_still_goes_to_the_node(fake_node, appliance):
+    node = fake_node(["m"])
+    seen = record_headers(node)
+    lb = appliance([node])
+    ollama.Client(host=lb.url, headers=bearer("node-credential")).generate(model="m",
+                                                                          prompt="x")
+    assert {"Bearer node-credential"} == {h.get("HTTP_AUTHORIZATION") for h in seen
+                                          if "HTTP_AUTHORIZATION" in h}
