@@ -62,7 +62,7 @@ def streaming(res: dict[str, Any] | None) -> list[Row]:
         _row(f"RSS < 150 MB{at}", g["rss_mb"], lambda v: v < 150, f"{g['rss_mb']:.0f} MB",
              "-"),
         _row(f"CPU per relayed line <= 15 us{at}", g["cpu_us_per_line"], lambda v: v <= 15,
-             f"{g['cpu_us_per_line']:.1f} us", "-"),
+             f"{g['cpu_us_per_line'] or 0:.1f} us", "too little CPU to read"),
     ]
 
 

@@ -167,13 +167,21 @@ def main() -> int:
     for note in notes:
         print(f"make bench: {note}", file=sys.stderr, flush=True)
     report: dict[str, Any] = {"machine": machine(), "quick": args.quick, "notes": notes}
-    sections = []
+    sections: list[str] = []
+    failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="ollama-lb-bench-") as tmp:
         for number, key, run, render in steps(Path(tmp), args, notes):
             if number not in wanted or (number == 1 and not shutil.which("wrk")):
                 continue
             print(f"running scenario {number} ({key})...", file=sys.stderr, flush=True)
-            result = run()
+            try:
+                result = run()
+            except Exception as exc:  # one broken scenario must not cost the others' figures
+                failed.append(f"scenario {number} ({key}) failed: {type(exc).__name__}: "
+                              f"{str(exc)[:400]}")
+                notes.append(failed[-1])
+                print(f"make bench: {failed[-1]}", file=sys.stderr, flush=True)
+                continue
             if result is None:
                 continue
             report[key] = result
@@ -187,7 +195,7 @@ def main() -> int:
     (RESULTS / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (RESULTS / "report.md").write_text(text)
     print(text)
-    return 0
+    return 1 if failed else 0  # the report is written either way
 
 
 if __name__ == "__main__":
