@@ -233,7 +233,7 @@ class ClientLimitsConfig:
 class SecurityConfig:
     apiKeys: tuple[ApiKeyConfig, ...] = setting((), _unique_keys)
     openManagement: bool = setting(False)  # without keys: manage endpoints beyond loopback?
-    clientLimits: ClientLimitsConfig = setting(ClientLimitsConfig())
+    clientLimits: ClientLimitsConfig = setting(ClientLimitsConfig())  # noqa: RUF009 - frozen
     usageFile: str | None = setting(None, restart=True)  # SQLite; relative: $STATE_DIRECTORY
 
 
