@@ -1,0 +1,118 @@
+"""The Redis side of shared node caps: acquire, release, renew, and the freed-slot channel.
+
+Every call has a short timeout (``sharedState.timeoutMs``, for connect and reply) and no
+retry of its own: a Redis that does not answer at once is treated as gone by the caller,
+which falls back to local shares rather than make a request wait on Redis. Only
+``redis.RedisError`` escapes from here (the store's own failures), so a bug is never taken
+for an outage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from pipeline.shared.scripts import ACQUIRE, RENEW
+
+GRANTED, FULL, LOST = 1, -1, -2  # acquire results: a lease, the node full, Redis lost state
+NodeHoldings = tuple[str, list[str], list[str]]  # node id, own held ids, own pending ids
+
+
+class RedisLeases:
+    """Lease operations on one Redis, each timed into ``observe(op, seconds)``."""
+
+    def __init__(self, url: str, prefix: str, timeout_s: float,
+                 observe: Callable[[str, float], None] = lambda op, s: None,
+                 max_connections: int = 64) -> None:
+        self.prefix = "{" + prefix + "}"
+        self.channel = f"{self.prefix}:freed"
+        self.observe = observe
+        common: dict[str, Any] = {"socket_timeout": timeout_s,
+                                  "socket_connect_timeout": timeout_s,
+                                  "retry": Retry(NoBackoff(), 0), "retry_on_timeout": False}
+        self.pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=timeout_s, **common)
+        self.client = redis.Redis(connection_pool=self.pool)
+        self._acquire = self.client.register_script(ACQUIRE)
+        self._renew = self.client.register_script(RENEW)
+        self._url, self._common = url, common
+
+    def node_key(self, node_id: str) -> str:
+        return f"{self.prefix}:node:{node_id}:leases"
+
+    @property
+    def epoch_key(self) -> str:
+        return f"{self.prefix}:epoch"
+
+    def acquire(self, epoch: str, node_id: str, lease_id: str, ttl_ms: int,
+                cap: int) -> tuple[int, int]:
+        """(GRANTED | FULL | LOST, the node's lease count across instances): one round trip."""
+        t0 = time.perf_counter()
+        code, count = self._acquire(keys=[self.epoch_key, self.node_key(node_id)],
+                                    args=[epoch, lease_id, ttl_ms, cap])
+        self.observe("acquire", time.perf_counter() - t0)
+        return int(code), int(count)
+
+    def release(self, leases: Iterable[tuple[str, str]]) -> None:
+        """Delete leases and tell every instance which nodes have room: one round trip."""
+        t0 = time.perf_counter()
+        pipe = self.client.pipeline(transaction=False)
+        nodes: set[str] = set()
+        for node_id, lease_id in leases:
+            pipe.zrem(self.node_key(node_id), lease_id)
+            nodes.add(node_id)
+        for node_id in sorted(nodes):
+            pipe.publish(self.channel, node_id)
+        pipe.execute()
+        self.observe("release", time.perf_counter() - t0)
+
+    def renew(self, epoch: str, instance: str, ttl_ms: int, liveness_ms: int, join: bool,
+              nodes: list[NodeHoldings]) -> tuple[str | None, list[str], dict[str, int]]:
+        """Heartbeat and re-assert own leases (see ``scripts.RENEW``).
+
+        Returns (Redis's epoch, or None if it is not ``epoch`` and this is no join; the live
+        instance ids; each node's lease count).
+        """
+        args: list[Any] = [epoch, instance, ttl_ms, liveness_ms, "1" if join else "0"]
+        for _, held, pending in nodes:
+            args += [len(held), *held, len(pending), *pending]
+        t0 = time.perf_counter()
+        reply = self._renew(keys=[self.epoch_key, f"{self.prefix}:instances",
+                                  *(self.node_key(n) for n, _, _ in nodes)], args=args)
+        self.observe("renew", time.perf_counter() - t0)
+        if not reply or reply[0] is None:
+            return None, [], {}
+        live = sorted(m.decode() for m in reply[1])
+        return reply[0].decode(), live, {n: int(c) for (n, _, _), c in zip(nodes, reply[2],
+                                                                          strict=True)}
+
+    def freed(self, wait_s: float, running: Callable[[], bool]) -> Iterator[str | None]:
+        """Node ids as instances publish freed slots; None every ``wait_s`` of silence.
+
+        Its own connection (a subscription holds one), read with ``wait_s`` as the socket
+        timeout. Ends when ``running()`` turns false; a RedisError other than a timeout
+        escapes, and the caller subscribes again later.
+        """
+        sub = redis.Redis.from_url(self._url, **{**self._common, "socket_timeout": wait_s})
+        ps = sub.pubsub(ignore_subscribe_messages=True)
+        try:
+            ps.subscribe(self.channel)
+            while running():
+                try:
+                    msg = ps.parse_response(block=True)
+                except redis.TimeoutError:
+                    yield None
+                    continue
+                if isinstance(msg, list) and len(msg) == 3 and msg[0] == b"message":
+                    yield msg[2].decode()
+        finally:
+            ps.close()
+            sub.close()
+
+    def close(self) -> None:
+        self.pool.disconnect()
