@@ -19,7 +19,7 @@ import gevent
 from gevent.pool import Group
 
 from pipeline.config import Config
-from pipeline.errors import ErrorCode, PipelineError
+from pipeline.errors import BackpressureError, ErrorCode, PipelineError
 from pipeline.lease import Lease
 from pipeline.ledger import Ledger
 from pipeline.metrics import MetricsRegistry
@@ -80,6 +80,9 @@ class Dispatcher:
         self.calls = Group()  # the running call greenlets
         self.streams: set[StreamRelay] = set()  # handed to callers and not yet closed
         self.requeue: Callable[[Ticket], bool] = lambda ticket: False  # wired by the pipeline
+        #: sharedState (pipeline/shared): may the node take this lease's request across
+        #: instances? Runs here, off the ring, because it may ask Redis. None: no gate.
+        self.admit: Callable[[Lease], bool] | None = None
 
     def start(self, ticket: Ticket, lease: Lease) -> None:
         """Spawn the call; returns at once. The lease is the call's to give back.
@@ -108,6 +111,12 @@ class Dispatcher:
         last_error = "no attempt made"
         try:
             while held is not None:
+                if self.admit is not None and not self.admit(held):
+                    self.registry.release(held)  # full across instances: wait for a slot
+                    held = None
+                    if self.requeue(ticket):
+                        return
+                    raise BackpressureError("server busy, please try again.  queue full")
                 ticket.attempts += 1
                 ticket.node_id = held.node.id
                 remaining = ticket.deadline - time.monotonic()

@@ -16,13 +16,14 @@ if TYPE_CHECKING:
 
 
 class Lease:
-    __slots__ = ("node", "permit", "released", "verdict")
+    __slots__ = ("node", "permit", "released", "shared", "verdict")
 
     def __init__(self, node: Node, permit: int) -> None:
         self.node = node
         self.permit = permit  # the breaker's permit number
         self.verdict = False  # a success or failure was recorded for this request
         self.released = False
+        self.shared: str | None = None  # the Redis lease id (sharedState), if any
 
     def succeeded(self, first_byte_s: float | None = None) -> None:
         self.verdict = True

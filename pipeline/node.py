@@ -34,6 +34,7 @@ class Node:
         self.id = cfg.id
         self.url = cfg.url
         self.in_flight = 0
+        self.shared_full = False  # sharedState: full across instances (pipeline/shared)
         self.health = Health.UP
         self.failures = 0  # consecutive failures, active and passive
         self.last_error: str | None = None
@@ -123,11 +124,11 @@ class Node:
                 and self.breaker.allows())
 
     def has_capacity(self) -> bool:
-        return self.in_flight < self.max_concurrent
+        return self.in_flight < self.max_concurrent and not self.shared_full
 
     def try_acquire(self) -> Lease | None:
         """A lease on one request slot if the node admits it and has room."""
-        if self.in_flight >= self.max_concurrent or not self.admits():
+        if not self.has_capacity() or not self.admits():
             return None
         permit = self.breaker.acquire()
         if permit is None:

@@ -19,6 +19,8 @@ class NodeRegistry:
         self._nodes: dict[str, Node] = {}
         self._removed: list[Node] = []  # draining after removal (or a URL change)
         self.on_capacity: Callable[[Node], None] = lambda node: None
+        #: a lease was given back (sharedState gives its Redis lease back with it)
+        self.on_release: Callable[[Lease], None] = lambda lease: None
         #: called on every circuit state change: (node, old state, new state)
         self.on_circuit_change: Callable[[Node, CircuitState, CircuitState], None] = (
             lambda node, old, new: None)
@@ -82,6 +84,7 @@ class NodeRegistry:
         """Give a lease back (idempotent) and let waiting requests take the slot."""
         if not lease.release():
             return
+        self.on_release(lease)
         node = lease.node
         if node.draining and node.in_flight == 0 and node in self._removed:
             self._removed.remove(node)
