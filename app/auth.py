@@ -22,7 +22,7 @@ import json
 import logging
 from typing import Any
 
-from flask import Flask, Response, current_app, request
+from flask import Flask, Request, Response, current_app, request
 
 from app import denials
 from app.bodypeek import models_named
@@ -83,17 +83,16 @@ def strip_credentials(environ: dict[str, Any]) -> None:
     environ.pop("HTTP_X_API_KEY", None)
 
 
-def _denied(status: int, reason: str, key: str | None) -> None:
-    env = request.environ
+def _denied(env: dict[str, Any], status: int, reason: str, key: str | None) -> None:
     log.info("request refused", extra={
         "event": "denied", "status": status, "reason": reason, "key": key,
         "client": env.get("REMOTE_ADDR"), "method": env.get("REQUEST_METHOD"),
         "path": env.get("PATH_INFO")})
 
 
-def admin_verdict(sec: Security, cfg: Config) -> Response | None:
+def admin_verdict(sec: Security, cfg: Config, req: Request | None = None) -> Response | None:
     """None if the request may use the admin API (and /metrics when that needs admin)."""
-    env = request.environ
+    env = (req or request).environ
     if env.get(ADMIN_OK):
         return None
     given, token = credential(env), cfg.admin_token()
@@ -102,85 +101,85 @@ def admin_verdict(sec: Security, cfg: Config) -> Response | None:
     elif sec.keyring:
         key = sec.keyring.lookup(given) if given else None
         if key is None:
-            _denied(401, "unauthorized", None)
+            _denied(env, 401, "unauthorized", None)
             return denials.unauthorized(env["PATH_INFO"])
         if "admin" not in key.scopes:
             sec.rejected(key.name, "scope")
-            _denied(403, "scope", key.name)
+            _denied(env, 403, "scope", key.name)
             return denials.forbidden(env["PATH_INFO"],
                                      f"forbidden: key '{key.name}' lacks the 'admin' scope")
         env[KEY] = key
     elif token:
-        _denied(401, "unauthorized", None)
+        _denied(env, 401, "unauthorized", None)
         return json_response({"error": "admin API: missing or wrong bearer token"}, 401,
                              {"WWW-Authenticate": 'Bearer realm="ollama-lb admin"'})
     elif not sec.client(env).loopback:
-        _denied(403, "loopback", None)
+        _denied(env, 403, "loopback", None)
         return json_response({"error": ADMIN_LOOPBACK}, 403)
     env[ADMIN_OK] = True
     return None
 
 
-def gate() -> Response | None:
+def gate(req: Request, sec: Security) -> Response | None:
     """Flask ``before_request``: None to go on, or the refusal."""
-    env = request.environ
-    cls = route_class(env["REQUEST_METHOD"], request.endpoint, env["PATH_INFO"])
+    env = req.environ
+    cls = route_class(env["REQUEST_METHOD"], req.endpoint, env["PATH_INFO"])
     if cls == PUBLIC:
         return None
-    sec = security()
     cfg = sec.refresh()
     if sec.trust.networks:
         sec.client(env)  # behind a trusted proxy: REMOTE_ADDR is the forwarded client
     if cls == ADMIN or (cls == METRICS and sec.keyring and not cfg.metrics.public):
-        return admin_verdict(sec, cfg)
+        return admin_verdict(sec, cfg, req)
     if cls == METRICS:
         return None
     if sec.keyring:
-        return _with_key(sec, cfg, cls)
-    return _without_keys(sec, cfg, cls)
+        return _with_key(req, sec, cfg, cls)
+    return _without_keys(env, sec, cfg, cls)
 
 
-def _with_key(sec: Security, cfg: Config, cls: str) -> Response | None:
-    env = request.environ
+def _with_key(req: Request, sec: Security, cfg: Config, cls: str) -> Response | None:
+    env = req.environ
     path = env["PATH_INFO"]
     given = credential(env)
     key = sec.keyring.lookup(given) if given else None
     if key is None:
-        _denied(401, "unauthorized", None)
+        _denied(env, 401, "unauthorized", None)
         return denials.unauthorized(path)
     strip_credentials(env)
     env[KEY] = key
     need = "manage" if cls == MANAGE else "inference"
     if need not in key.scopes:
-        return _refuse(sec, key.name, "scope", f"forbidden: key '{key.name}' lacks the "
+        return _refuse(env, sec, key.name, "scope", f"forbidden: key '{key.name}' lacks the "
                        f"'{need}' scope")
     if key.patterns:
-        rule = request.url_rule.rule if request.url_rule is not None else path
-        names = models_named(request.endpoint or "", rule, request.view_args, env,
+        rule = req.url_rule.rule if req.url_rule is not None else path
+        names = models_named(req.endpoint or "", rule, req.view_args, env,
                              cfg.server.maxBodyBytes)
         bad = next((n for n in names if not key.allows_model(n)), None)
         if bad is not None:
-            return _refuse(sec, key.name, "model",
+            return _refuse(env, sec, key.name, "model",
                            f"forbidden: key '{key.name}' may not use model '{bad}'")
     try:
         env[GRANT] = sec.admit_key(key, cls == INFERENCE and env["REQUEST_METHOD"] == "POST")
     except Denied as exc:
         sec.rejected(key.name, exc.reason)
-        _denied(429, exc.reason, key.name)
+        _denied(env, 429, exc.reason, key.name)
         return denials.too_many(path, exc.message, exc.retry_after, exc.reason)
     return None
 
 
-def _refuse(sec: Security, name: str, reason: str, message: str) -> Response:
+def _refuse(env: dict[str, Any], sec: Security, name: str, reason: str, message: str
+            ) -> Response:
     sec.rejected(name, reason)
-    _denied(403, reason, name)
-    return denials.forbidden(request.environ["PATH_INFO"], message)
+    _denied(env, 403, reason, name)
+    return denials.forbidden(env["PATH_INFO"], message)
 
 
-def _without_keys(sec: Security, cfg: Config, cls: str) -> Response | None:
-    env = request.environ
+def _without_keys(env: dict[str, Any], sec: Security, cfg: Config, cls: str
+                  ) -> Response | None:
     if cls == MANAGE and not cfg.security.openManagement and not sec.client(env).loopback:
-        _denied(403, "management", None)
+        _denied(env, 403, "management", None)
         return denials.forbidden(env["PATH_INFO"], MANAGE_REFUSED)
     limits = cfg.security.clientLimits
     if not limited(limits):
@@ -190,7 +189,7 @@ def _without_keys(sec: Security, cfg: Config, cls: str) -> Response | None:
         env[GRANT] = sec.admit_client(address, limits,
                                       cls == INFERENCE and env["REQUEST_METHOD"] == "POST")
     except Denied as exc:
-        _denied(429, exc.reason, None)
+        _denied(env, 429, exc.reason, None)
         return denials.too_many(env["PATH_INFO"], exc.message, exc.retry_after, exc.reason)
     return None
 
@@ -216,6 +215,10 @@ def install(app: Flask, sec: Security) -> None:
     """The gate after CORS preflights (a browser's preflight carries no key), the listing
     filter, and the meter around the whole app."""
     app.extensions["ollama_lb.security"] = sec
-    app.before_request(gate)
+
+    def before() -> Response | None:
+        return gate(request._get_current_object(), sec)  # type: ignore[attr-defined]
+
+    app.before_request(before)
     app.after_request(filter_listing)
     app.wsgi_app = Meter(app.wsgi_app, sec.finish)  # type: ignore[method-assign]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 
@@ -79,16 +80,17 @@ class Allowance:
         self.in_flight = 0
         self.live: set[Grant] = set()  # admitted and not released (revoked on key removal)
 
-    def admit(self, who: str, limits: LimitSettings, used_today: int, now: float, *,
-              tokens: bool) -> None:
-        """Raise Denied if over a limit; otherwise count the request in (rate and place)."""
+    def admit(self, who: Callable[[], str], limits: LimitSettings, used_today: int,
+              now: float, *, tokens: bool) -> None:
+        """Raise Denied if over a limit; otherwise count the request in (rate and place).
+        ``who()`` names the principal in a refusal (only built when one is given)."""
         cap = limits.maxConcurrent
         if cap is not None and self.in_flight >= cap:
-            raise Denied("concurrency", f"too many concurrent requests: {who} may have {cap} "
+            raise Denied("concurrency", f"too many concurrent requests: {who()} may have {cap} "
                          "in flight", 1.0)
         quota = limits.tokensPerDay
         if tokens and quota is not None and used_today >= quota:
-            raise Denied("tokens", f"token quota exceeded: {who} has used {used_today} of "
+            raise Denied("tokens", f"token quota exceeded: {who()} has used {used_today} of "
                          f"{quota} tokens today (UTC)", seconds_to_utc_midnight())
         rpm = limits.requestsPerMinute
         if rpm is None:
@@ -100,7 +102,7 @@ class Allowance:
                 self.bucket.resize(rpm)
             wait = self.bucket.take(now)
             if wait:
-                raise Denied("rate", f"rate limit exceeded: {who} may send {rpm} requests "
+                raise Denied("rate", f"rate limit exceeded: {who()} may send {rpm} requests "
                              "per minute", wait)
 
     def idle(self, now: float) -> bool:

@@ -114,15 +114,16 @@ class Security:
     def admit_key(self, key: ApiKey, counts_tokens: bool) -> Grant:
         """Raises Denied over a limit of the key."""
         account = self.book.key(key.name)
-        account.allowance.admit(f"key '{key.name}'", key.config, account.used_today(utc_day()),
-                                time.monotonic(), tokens=counts_tokens)
+        account.allowance.admit(lambda: f"key '{key.name}'", key.config,
+                                account.used_today(utc_day()), time.monotonic(),
+                                tokens=counts_tokens)
         return Grant(account.allowance, account, key.name, counts_tokens)
 
     def admit_client(self, address: str, limits: LimitSettings, counts_tokens: bool) -> Grant:
         now = time.monotonic()
         account = self.book.client(address, now)
-        account.allowance.admit(f"client {address}", limits, account.used_today(utc_day()),
-                                now, tokens=counts_tokens)
+        account.allowance.admit(lambda: f"client {address}", limits,
+                                account.used_today(utc_day()), now, tokens=counts_tokens)
         return Grant(account.allowance, account, None, counts_tokens)
 
     def finish(self, reply: Metered) -> None:
