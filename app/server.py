@@ -1,16 +1,14 @@
 """The standalone appliance: config, pipeline, Flask app on gevent's WSGIServer, signals.
 
-Client connections (``ClientHandler``): a socket timeout per phase, because waiting for the
-next request on a kept-alive connection and waiting for a client to take a reply are different
-things. Idle between requests: ``server.keepAliveTimeoutMs``, then the connection is closed.
-During a request: ``server.writeTimeoutMs`` without progress on the socket ends the request,
-which closes the node's stream and frees its slot (the WSGI iterable's close() does that), so
-a client that stops reading cannot hold a GPU slot forever.
+Client connections (timeouts, bounded intake, the per-client cap, TLS) are
+``app.transport``'s.
 
 Graceful shutdown on SIGTERM (or SIGINT): stop accepting (under systemd the socket unit keeps
 the listening socket, so new connections wait in its queue for the next process), close idle
 kept-alive connections, answer what is already on a connection with ``Connection: close``, and
-let requests and streams finish for up to ``server.drainSeconds``. A stream still running then
+let requests and streams finish for up to ``server.drainSeconds``. From the SIGTERM on,
+``/health/ready`` answers 503 (``operations.draining``), so a balancer probing a connection
+that is still open moves traffic away. A stream still running then
 gets one error line in its own format before its connection closes, never a silent
 truncation. Exit status 0 when nothing was cut, ``EXIT_STREAMS_CUT`` otherwise. SIGHUP
 reloads the config.
@@ -18,26 +16,22 @@ reloads the config.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
 import os
-import select
 import signal
-import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 import gevent
 from gevent.event import Event
-from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from app import logs, notify
-from app.netutil import adopt_listener, linger_rst, listen_fds, make_listener, tune_accepted
+from app.netutil import adopt_listener, listen_fds, make_listener
 from app.reload import ConfigWatcher, ReloadState
+from app.tls import TlsTerminator
+from app.transport import ApplianceServer, ClientHandler
 from app.web import create_app
-from pipeline.config import Config, ServerConfig, load_config
+from pipeline.config import Config, load_config
 from pipeline.factory import PipelineFactory
 from pipeline.request import Ticket
 
@@ -47,137 +41,8 @@ access = logging.getLogger("ollama_lb.access")
 CUT_REASON = "server shutting down: stream cut after the drain bound"
 EXIT_STREAMS_CUT = 75  # EX_TEMPFAIL: stopped, but some requests were cut (retry them)
 CUT_GRACE_S = 2.0  # after the drain bound: time for cut streams to send their error line
-FRESH_S = 2.0  # a new connection gets this long to send its first request during a drain
-
-
-class ClientHandler(WSGIHandler):
-    """One client connection: per-phase timeouts, keep-alive that knows about draining."""
-
-    server: ApplianceServer
-    # ETIMEDOUT: TCP keepalive probes found the client gone; as quiet as a reset
-    ignored_socket_errors = (*WSGIHandler.ignored_socket_errors, errno.ETIMEDOUT)
-    idle = False  # waiting for a request line: safe to close at shutdown
-    requests_read = 0  # requests read on this connection
-    accepted_at = 0.0
-
-    def handle(self) -> None:
-        tune_accepted(self.socket)
-        self.accepted_at = time.monotonic()
-        self.greenlet = gevent.getcurrent()
-        self.server.connections.add(self)
-        try:
-            super().handle()
-        finally:
-            self.server.connections.discard(self)
-
-    def read_requestline(self) -> str:
-        """Wait for the next request with the keep-alive timeout; closed when draining."""
-        settings = self.server.settings()
-        if self.server.draining and self.requests_read and not self.pending():
-            return ""  # draining: a kept-alive connection with nothing sent is closed
-        self.socket.settimeout(settings.keepAliveTimeoutMs / 1000.0)
-        self.idle = True
-        try:
-            line = super().read_requestline()
-        finally:
-            self.idle = False
-        self.socket.settimeout(settings.writeTimeoutMs / 1000.0)
-        if line:
-            self.requests_read += 1
-        return line
-
-    def pending(self) -> bool:
-        """Bytes (or EOF) waiting to be read: the client may have sent its next request."""
-        try:
-            return bool(select.select([self.socket.fileno()], [], [], 0)[0])
-        except (OSError, ValueError):
-            return True
-
-    def close_if_idle(self) -> None:
-        """Close a kept-alive connection that is waiting and has nothing sent (shutdown)."""
-        if self.idle and self.requests_read and not self.pending():
-            with contextlib.suppress(OSError):
-                self.socket.shutdown(socket.SHUT_RDWR)  # the waiting read sees EOF
-
-    def get_environ(self) -> dict[str, Any]:
-        """The client's socket goes into the environ, so a waiting view can watch it."""
-        env = super().get_environ()
-        env["ollama_lb.socket"] = self.socket
-        return env
-
-    def start_response(self, status: str, headers: list[tuple[str, str]],
-                       exc_info: Any = None) -> Callable[[bytes], None]:
-        if self.server.draining:  # the client's next request goes to the next process
-            self.close_connection = True
-            if not any(k.lower() == "connection" for k, _ in headers):
-                headers = [*headers, ("Connection", "close")]
-        return super().start_response(status, headers, exc_info)
-
-    def _sendall(self, data: bytes) -> None:
-        """Like pywsgi's, but the timeout bounds each wait for progress, not the whole write.
-
-        A big reply to a slow but reading client is fine; a client that takes nothing for
-        ``writeTimeoutMs`` raises TimeoutError here.
-        """
-        view = memoryview(data)
-        try:
-            while view:
-                view = view[self.socket.send(view):]
-        except OSError as ex:
-            self.status = f"socket error: {ex}"
-            if self.code > 0:
-                self.code = -self.code
-            raise
-        self.response_length += len(data)
-
-    def handle_error(self, t: type[BaseException], v: BaseException, tb: Any) -> None:
-        if not isinstance(v, TimeoutError):
-            super().handle_error(t, v, tb)
-            return
-        self.close_connection = True
-        with contextlib.suppress(OSError):
-            linger_rst(self.socket)  # the client takes nothing: drop what is queued for it
-        log.warning("client took nothing of the reply; request ended", extra={
-            "event": "client_timeout", "client": self.client_address[0] if isinstance(
-                self.client_address, tuple) else str(self.client_address),
-            "path": self.path, "sent_bytes": self.response_length,
-            "write_timeout_ms": self.server.settings().writeTimeoutMs})
-
-    def log_request(self) -> None:
-        pass  # pywsgi's own access log is replaced by the structured one
-
-
-class ApplianceServer(WSGIServer):
-    """pywsgi's server, knowing its connections so that a shutdown can drain them."""
-
-    def __init__(self, listener: Any, application: Any,
-                 settings: Callable[[], ServerConfig]) -> None:
-        super().__init__(listener, application, handler_class=ClientHandler, log=None,
-                         error_log=logging.getLogger("ollama_lb.wsgi"))
-        self.settings = settings
-        self.connections: set[ClientHandler] = set()
-        self.draining = False
-
-    def begin_drain(self) -> None:
-        """Stop accepting; idle kept-alive connections close, busy ones after this reply."""
-        self.draining = True
-        self.close()
-        for handler in list(self.connections):
-            handler.close_connection = True
-            handler.close_if_idle()
-
-    def busy(self) -> int:
-        """Connections in a request, or new ones whose first request may be on its way."""
-        now = time.monotonic()
-        return sum(1 for h in self.connections if not h.idle or (
-            not h.requests_read and now - h.accepted_at < FRESH_S))
-
-    def wait_quiet(self, deadline: float, in_flight: Callable[[], int]) -> None:
-        while (in_flight() > 0 or self.busy()) and time.monotonic() < deadline:
-            gevent.sleep(0.05)
-
-    def kill_connections(self) -> None:
-        gevent.killall([h.greenlet for h in list(self.connections)], timeout=1)
+__all__ = ["CUT_REASON", "EXIT_STREAMS_CUT", "ApplianceServer", "ClientHandler",
+           "OllamaLoadBalancerApplication"]
 
 
 def choose_listener(host: str, port: int, backlog: int) -> tuple[Any, str]:
@@ -220,17 +85,21 @@ class OllamaLoadBalancerApplication:
         self._stopped = Event()
         self._stopping = False
         self._watchdog: gevent.Greenlet | None = None
+        self.tls: TlsTerminator | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> OllamaLoadBalancerApplication:
         config = self._config or load_config(self.config_path)  # type: ignore[arg-type]
         logs.configure(config.logging.level)
+        tls = TlsTerminator(lambda: (self.factory.config if self.factory else config).server.tls
+                            ) if config.server.tls.certFile else None  # bad files: ConfigError
         self.factory = PipelineFactory(config).start(health_checks=self.health_checks)
         self.factory.pipeline.finish_hooks.append(self._access_log)
         self.reload_state = ReloadState(self.config_path, self.factory)
         self.reload_state.notify = notify.send
         self.reload_state.hooks.append(lambda c: logs.configure(c.logging.level))
+        self.reload_state.hooks.append(self._tls_mode_kept)
         app = create_app(self.factory, self.reload_state)
         host = self.host_override or config.server.host
         port = config.server.port if self.port_override is None else self.port_override
@@ -238,7 +107,8 @@ class OllamaLoadBalancerApplication:
         self.host, self.port = (host, listener.getsockname()[1]) if source == "bound" else (
             listener.getsockname()[:2])
         factory = self.factory
-        self.server = ApplianceServer(listener, app, lambda: factory.config.server)
+        self.tls = tls.start() if tls is not None else None
+        self.server = ApplianceServer(listener, app, lambda: factory.config.server, self.tls)
         self.server.start()
         if self.watch and self.config_path:
             self.watcher = ConfigWatcher(self.reload_state)
@@ -249,6 +119,7 @@ class OllamaLoadBalancerApplication:
         notify.send(f"READY=1\nSTATUS=serving on {self.host}:{self.port}")
         log.warning("ollama-lb listening", extra={
             "event": "started", "host": self.host, "port": self.port, "socket": source,
+            "tls": self.tls is not None, "mutual_tls": bool(config.server.tls.clientCaFile),
             "nodes": [n.id for n in self.factory.node_registry.all_nodes()],
             "strategy": config.strategy.type})
         return self
@@ -269,7 +140,14 @@ class OllamaLoadBalancerApplication:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         host = f"[{host}]" if ":" in host and host != "::" else (
             "[::1]" if host == "::" else host)
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
+
+    def _tls_mode_kept(self, config: Config) -> None:
+        """Paths and files reload; switching between HTTP and HTTPS takes a restart."""
+        if bool(config.server.tls.certFile) != (self.tls is not None):
+            log.warning("server.tls: switching between HTTP and HTTPS takes a restart; the "
+                        "port keeps speaking " + ("HTTPS" if self.tls else "plain HTTP"),
+                        extra={"event": "config_reload", "restart_required": ["server.tls"]})
 
     def _install_signals(self) -> None:
         gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(self.shutdown))
@@ -309,6 +187,7 @@ class OllamaLoadBalancerApplication:
         """Drain up to ``drain`` s; then cut the streams left. (requests left, streams cut)"""
         assert self.factory is not None and self.server is not None
         p, server = self.factory.pipeline, self.server
+        self.factory.operations.draining = True  # /health/ready: 503 from now on
         server.begin_drain()
         server.wait_quiet(time.monotonic() + drain, lambda: p.in_flight)
         left, cut = p.in_flight, 0
@@ -326,6 +205,8 @@ class OllamaLoadBalancerApplication:
             self.watcher.stop()
         if self._watchdog is not None:
             self._watchdog.kill()
+        if self.tls is not None:
+            self.tls.stop()
         self.factory.stop()  # answers requests still queued for capacity
         self.server.wait_quiet(time.monotonic() + CUT_GRACE_S, lambda: 0)
         self.server.kill_connections()

@@ -1,0 +1,256 @@
+"""Receiving a request within bounds: head size and count, head and body deadlines.
+
+pywsgi reads a request line of up to 8 KiB, up to 100 header lines of 64 KiB each, and waits
+for each byte as long as the socket timeout allows, so a client dribbling one byte every few
+seconds (slowloris) holds a connection and a greenlet for as long as it likes, and a body
+that stalls ends as an unhandled error (500). Here every limit is a setting under
+``server.``, the answers are Ollama's (``{"error": ...}``, OpenAI's object on ``/v1``):
+
+- a header line that is not ``name: value`` (folded, space before the colon), two different
+  Content-Lengths or a Transfer-Encoding other than ``chunked``: 400 (request smuggling is
+  made of these) and closed;
+- request line over ``maxRequestLineBytes``, headers over ``maxHeaderBytes`` in all or more
+  than ``maxHeaderCount`` lines: 431, and the connection is closed (Go's net/http, so Ollama,
+  answers 431 for both as well);
+- the head not complete within ``headerTimeoutMs`` (counted from the first byte of the
+  request, or from the accept for a connection's first request, so a connection that sends
+  nothing does not wait for the longer keep-alive timeout): 408 and closed; nothing received
+  at all: closed without a word;
+- the body slower than ``bodyTimeoutMs`` plus one second per ``bodyMinBytesPerSecond``
+  bytes, or no byte of it for ``writeTimeoutMs``: 408 (raised as werkzeug's RequestTimeout,
+  so the app's error handler gives it the API's shape) and the connection closed.
+
+A request refused here never reaches the app, let alone a node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.parser
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import gevent
+from gevent.pywsgi import Input, OldMessage
+from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestTimeout
+
+from app.errors import error_body
+
+log = logging.getLogger("ollama_lb.intake")
+
+# a header line: a token, then a colon at once (no obs-fold, no space before the colon)
+FIELD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:")
+DISCARD_MAX = 65_536  # an unread body up to this is read to keep the connection; more: close
+PIECE = 65_536  # a body is read in pieces this big: the deadline moves between them
+REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large",
+           503: "Service Unavailable"}
+
+
+def error_reply(status: int, message: str, path: str = "") -> bytes:
+    """A whole HTTP response (Connection: close) in the API's error shape for ``path``."""
+    body = json.dumps(error_body(status, message, path)).encode()
+    head = (f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
+            "Content-Type: application/json; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+    return head.encode("latin-1") + body
+
+
+class HeadRejected(ValueError):
+    """A request head over a limit (pywsgi treats a ValueError from parsing as the client's)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def reply(self, path: str = "") -> tuple[str, bytes]:
+        """What pywsgi's handle() sends before it closes the connection."""
+        return str(self.status), error_reply(self.status, self.message, path)
+
+
+class Deadline(BaseException):
+    """Raised by a head or body timer. A BaseException, like gevent.Timeout, so that no
+    ``except Exception`` on the way can mistake it for a parsing problem."""
+
+
+def read_fields(fp: Any, max_bytes: int, max_count: int) -> OldMessage:
+    """The header lines after the request line, parsed as pywsgi's MessageClass would, but
+    never reading more than ``max_bytes`` or ``max_count`` lines (HeadRejected: 431), and
+    refusing what request smuggling is made of (ValueError: 400, see ``check_framing``)."""
+    lines: list[bytes] = []
+    size = 0
+    while True:
+        line = fp.readline(max_bytes - size + 1)
+        size += len(line)
+        if size > max_bytes:
+            raise HeadRejected(431, f"request header fields too large: the limit is "
+                                    f"{max_bytes} bytes")
+        if line in (b"\r\n", b"\n", b""):
+            break
+        if not FIELD.match(line):
+            raise ValueError(f"malformed header line {line[:40]!r}")
+        lines.append(line)
+        if len(lines) > max_count:
+            raise HeadRejected(431, f"too many request header fields: the limit is "
+                                    f"{max_count}")
+    fields = email.parser.Parser(_class=OldMessage).parsestr(
+        b"".join(lines).decode("iso-8859-1"))
+    check_framing(fields)
+    return fields
+
+
+def check_framing(fields: OldMessage) -> None:
+    """One unambiguous body length, as RFC 9112 §6 asks of a server behind or before proxies:
+    no two different Content-Lengths, no Transfer-Encoding but plain ``chunked``."""
+    lengths = {v.strip() for v in fields.get_all("content-length") or ()}
+    if len(lengths) > 1:
+        raise ValueError(f"conflicting Content-Length headers: {sorted(lengths)}")
+    codings = fields.get_all("transfer-encoding") or ()
+    if codings and [c.strip().lower() for c in codings] != ["chunked"]:
+        raise ValueError(f"unsupported Transfer-Encoding: {', '.join(codings)}")
+
+
+class BodyTimeout(RequestTimeout):
+    """408 in the API's shape (via the app's HTTPException handler); the connection closes."""
+
+
+class DeadlineInput(Input):
+    """pywsgi's request body stream, with a deadline that moves with the bytes received.
+
+    A body has ``bodyTimeoutMs`` plus one second per ``bodyMinBytesPerSecond`` bytes received
+    so far (Apache's mod_reqtimeout ``MinRate``): a large upload at a decent rate is never
+    cut, a slow-POST attacker trickling bytes is. The deadline moves during one large
+    ``read()`` too: with a Content-Length as the bytes come, when chunked every ``PIECE``
+    bytes. Falling behind, or no byte for the socket timeout (``writeTimeoutMs``), raises
+    BodyTimeout; a client that hangs up
+    mid-body raises werkzeug's ClientDisconnected (400) instead of an OSError that would
+    surface as a 500. Either way ``broken`` is set and the handler closes the connection
+    once the answer is out: the stream's position is unknown.
+    """
+
+    __slots__ = ("broken", "min_rate", "received", "started", "timeout_s")
+
+    def __init__(self, rfile: Any, content_length: int | None, *, socket: Any = None,
+                 chunked_input: bool = False, timeout_ms: int = 60_000,
+                 min_rate: int = 65_536) -> None:
+        super().__init__(rfile, content_length, socket=socket, chunked_input=chunked_input)
+        self.timeout_s = timeout_ms / 1000.0
+        self.min_rate = min_rate
+        self.started = time.monotonic()
+        self.received = 0
+        self.broken = False
+
+    def read(self, length: int | None = None) -> bytes:
+        if length is not None and length < 0:
+            length = None
+        with self._guard():
+            if not self.chunked_input:
+                return self._do_read(length)
+            parts = []  # chunked: pieces of PIECE, the deadline checked between them
+            while length is None or length > 0:
+                data = self._timed(self._chunked_read, PIECE if length is None
+                                   else min(PIECE, length))
+                if not data:
+                    break
+                parts.append(data)
+                if length is not None:
+                    length -= len(data)
+            return b"".join(parts)
+
+    def readline(self, size: int | None = None) -> bytes:
+        with self._guard():
+            return self._timed(super().readline, size)
+
+    def _do_read(self, length: int | None = None, use_readline: bool = False) -> bytes:
+        """pywsgi's Content-Length read, but as the bytes come (``read1``), so that the
+        deadline follows every piece received."""
+        if use_readline or self.content_length is None:
+            return super()._do_read(length, use_readline)
+        self._send_100_continue()
+        left = self.content_length - self.position
+        length = left if length is None else min(length, left)
+        parts = []
+        while length > 0:
+            data = self._timed(self.rfile.read1, min(length, PIECE))
+            if not data:
+                raise OSError(f"unexpected end of file at position {self.position}")
+            self.position += len(data)
+            length -= len(data)
+            parts.append(data)
+        return b"".join(parts)
+
+    def _timed(self, fn: Any, arg: int | None) -> bytes:
+        """``fn(arg)`` within the deadline the bytes received so far allow."""
+        deadline = self.started + self.timeout_s + self.received / self.min_rate
+        with gevent.Timeout(max(deadline - time.monotonic(), 0.001), Deadline):
+            data: bytes = fn(arg)
+        self.received += len(data)
+        return data
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Late or stalled: BodyTimeout; the client gone or the framing broken: 400."""
+        if self.broken:
+            raise self._late()
+        try:
+            yield
+        except (Deadline, TimeoutError):
+            raise self._late() from None
+        except OSError:  # EOF before Content-Length, a reset, a bad chunk: the client's fault
+            self.broken = True
+            raise ClientDisconnected("the client did not send the whole request body"
+                                     ) from None
+
+    def _late(self) -> BodyTimeout:
+        self.broken = True
+        took = round((time.monotonic() - self.started) * 1000)
+        return BodyTimeout(f"request body not received in time: {self.received} bytes in "
+                           f"{took} ms (the floor is {self.min_rate} bytes/s after the first "
+                           f"{round(self.timeout_s * 1000)} ms)")
+
+    def unread_too_big(self) -> bool:
+        """More of a declared body is unread than is worth reading to keep the connection."""
+        return (self.content_length or 0) - self.position > DISCARD_MAX
+
+    def _discard(self) -> None:
+        """Read what the app left unread, if it is small; otherwise close the connection.
+
+        pywsgi reads any unread body to keep the connection usable; for a client that sent
+        ``Content-Length: 10G`` and got a 413, that would be 10 GB read for nothing.
+        """
+        if self.broken or self.unread_too_big():
+            self.broken = True
+            return
+        self.send_100_continue_enabled = False  # nobody wants the body: do not ask for it
+        try:
+            got = 0
+            while got <= DISCARD_MAX:
+                data = self.read(16384)
+                if not data:
+                    return
+                got += len(data)
+            self.broken = True
+        except HTTPException:
+            self.broken = True
+
+
+class Throttled:
+    """A log line at most every ``every_s`` seconds, with how many were left out."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 10.0) -> None:
+        self.logger = logger
+        self.every_s = every_s
+        self.at = -every_s
+        self.left_out = 0
+
+    def warning(self, message: str, **extra: Any) -> None:
+        now = time.monotonic()
+        if now - self.at < self.every_s:
+            self.left_out += 1
+            return
+        self.logger.warning(message, extra={**extra, "left_out": self.left_out})
+        self.at, self.left_out = now, 0

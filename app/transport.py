@@ -1,0 +1,299 @@
+"""Client connections: pywsgi's handler and server with timeouts, limits, TLS and a drain.
+
+A socket timeout per phase, because waiting for the next request on a kept-alive connection
+and waiting for a client to take a reply are different things. Idle between requests:
+``server.keepAliveTimeoutMs``, then the connection is closed. During a request:
+``server.writeTimeoutMs`` without progress on the socket ends the request, which closes the
+node's stream and frees its slot (the WSGI iterable's close() does that), so a client that
+stops reading cannot hold a GPU slot forever. Receiving a request is bounded as well (size
+and count of the head, deadlines for head and body: ``app.intake``), connections per client
+address are capped (``app.connlimit``), and with ``server.tls`` each accepted socket is
+wrapped with the current certificate (``app.tls``) before anything is read from it.
+
+Draining (SIGTERM): the server stops accepting, idle kept-alive connections are closed, and
+what is already on a connection is answered with ``Connection: close``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import select
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+from gevent import socket as gsocket
+from gevent.pywsgi import WSGIHandler, WSGIServer
+
+from app.connlimit import ConnectionLimiter, client_ip
+from app.intake import Deadline, DeadlineInput, HeadRejected, Throttled, error_reply, read_fields
+from app.netutil import linger_rst, tune_accepted
+from app.tls import TlsTerminator
+from pipeline.config import ServerConfig
+
+log = logging.getLogger("ollama_lb.server")
+
+FRESH_S = 2.0  # a new connection gets this long to send its first request during a drain
+BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+               b"Connection: close\r\nContent-Length: 15\r\n\r\n400 Bad Request")  # as Go
+
+
+class ClientHandler(WSGIHandler):
+    """One client connection: per-phase timeouts, bounded intake, a drain-aware keep-alive."""
+
+    server: ApplianceServer
+    # ETIMEDOUT: TCP keepalive probes found the client gone; as quiet as a reset
+    ignored_socket_errors = (*WSGIHandler.ignored_socket_errors, errno.ETIMEDOUT)
+    idle = False  # waiting for a request line: safe to close at shutdown
+    requests_read = 0  # requests read on this connection
+    accepted_at = 0.0  # set by the server before a TLS handshake; else when handling starts
+    head_timer: gevent.Timeout | None = None  # running from a request's first byte to its head
+    wsgi_input: DeadlineInput | None = None
+
+    def handle(self) -> None:
+        tune_accepted(self.socket)
+        self.accepted_at = self.accepted_at or time.monotonic()
+        self.greenlet = gevent.getcurrent()
+        self.server.connections.add(self)
+        try:
+            super().handle()
+        except OSError:  # the client left while its refused request was being answered
+            pass
+        finally:
+            self.server.connections.discard(self)
+            self._stop_head_timer()
+
+    # --- reading a request ----------------------------------------------------------------------
+
+    def handle_one_request(self) -> Any:
+        """pywsgi's, with the head bounded in size and time; True, None or (status, reply)."""
+        if self.rfile.closed:
+            return None
+        self.path = None
+        try:
+            outcome = self._read_head()
+        finally:
+            self._stop_head_timer()
+        if outcome is not True:
+            return outcome  # None: close quietly; (status, reply): answer, then close
+        self.environ = self.get_environ()
+        self.application = self.server.application
+        self.handle_one_response()
+        if self.close_connection or self.rfile.closed or (
+                self.wsgi_input is not None and self.wsgi_input.broken):
+            return None
+        return True
+
+    def _read_head(self) -> Any:
+        """Read the request line and headers: True, or what handle_one_request returns."""
+        try:
+            self.requestline = self.read_requestline()
+            if not self.requestline:
+                return None
+            self.response_length = 0
+            self.read_request(self.requestline)
+            return True
+        except HeadRejected as ex:
+            return ex.reply(self.path or "")
+        except (Deadline, TimeoutError):
+            ms = self.server.settings().headerTimeoutMs
+            return "408", error_reply(408, "request timeout: the request head was not "
+                                           f"received within {ms} ms", self.path or "")
+        except OSError:  # a reset mid-head: nobody to answer
+            return None
+        except Exception as ex:  # malformed: pywsgi raises ValueError and friends
+            return self._handle_client_error(ex)
+
+    def read_requestline(self) -> str:
+        """Wait for a request (keep-alive timeout), then read its line under the head deadline.
+
+        A connection's first request has the head deadline from the accept on, so one that
+        sends nothing is closed after ``headerTimeoutMs``, not the longer keep-alive timeout.
+        """
+        s = self.server.settings()
+        if self.server.draining and self.requests_read and not self.pending():
+            return ""  # draining: a kept-alive connection with nothing sent is closed
+        first = not self.requests_read
+        head_s = s.headerTimeoutMs / 1000.0
+        self.idle = True
+        try:
+            left = self.accepted_at + head_s - time.monotonic()
+            self.socket.settimeout(max(left, 0.001) if first else s.keepAliveTimeoutMs / 1000.0)
+            if not self.rfile.peek(1):
+                return ""  # EOF
+        except OSError:  # nothing sent in time, or a reset: closed without a word
+            return ""
+        finally:
+            self.idle = False
+        start = self.accepted_at if first else time.monotonic()
+        self.head_timer = gevent.Timeout.start_new(
+            max(start + head_s - time.monotonic(), 0.001), Deadline)
+        self.socket.settimeout(s.writeTimeoutMs / 1000.0)
+        self.requests_read += 1
+        line = self.rfile.readline(s.maxRequestLineBytes + 1)
+        if len(line) > s.maxRequestLineBytes:
+            raise HeadRejected(431, "request line too long: the limit is "
+                                    f"{s.maxRequestLineBytes} bytes")
+        return line.decode("latin-1")
+
+    def MessageClass(self, fp: Any, *_: Any) -> Any:  # pywsgi calls it by this name
+        s = self.server.settings()
+        return read_fields(fp, s.maxHeaderBytes, s.maxHeaderCount)
+
+    def _stop_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.close()
+            self.head_timer = None
+
+    def _handle_client_error(self, ex: BaseException) -> tuple[str, bytes]:
+        """A malformed request: Go's plain 400 and close; logged without a traceback."""
+        self.server.bad_requests.warning("malformed request refused", event="bad_request",
+                                         client=client_ip(self.client_address),
+                                         reason=str(ex)[:200] or type(ex).__name__)
+        return "400", BAD_REQUEST
+
+    def get_environ(self) -> dict[str, Any]:
+        """The body gets its deadline; the client's socket goes in, so a waiting view can
+        watch it."""
+        env = super().get_environ()
+        s = self.server.settings()
+        plain = self.wsgi_input
+        assert plain is not None
+        self.wsgi_input = DeadlineInput(
+            self.rfile, self.content_length, socket=plain.socket,
+            chunked_input=plain.chunked_input,
+            timeout_ms=s.bodyTimeoutMs, min_rate=s.bodyMinBytesPerSecond)
+        if env["wsgi.input"] is plain:
+            env["wsgi.input"] = self.wsgi_input
+        env["ollama_lb.socket"] = self.socket
+        return env
+
+    # --- idle connections and the drain ---------------------------------------------------------
+
+    def pending(self) -> bool:
+        """Bytes (or EOF) waiting to be read: the client may have sent its next request."""
+        if getattr(self.socket, "pending", None) and self.socket.pending():
+            return True  # TLS: bytes already decrypted
+        try:
+            return bool(select.select([self.socket.fileno()], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True
+
+    def close_if_idle(self) -> None:
+        """Close a kept-alive connection that is waiting and has nothing sent (shutdown)."""
+        if self.idle and self.requests_read and not self.pending():
+            with contextlib.suppress(OSError):
+                # the TCP socket's shutdown, also under TLS (SSLSocket.shutdown would drop the
+                # SSL object under the waiting read): the read sees EOF
+                gsocket.socket.shutdown(self.socket, socket.SHUT_RDWR)
+
+    # --- writing the reply ----------------------------------------------------------------------
+
+    def start_response(self, status: str, headers: list[tuple[str, str]],
+                       exc_info: Any = None) -> Callable[[bytes], None]:
+        body = self.wsgi_input
+        broken = body is not None and (body.broken or body.unread_too_big())
+        if self.server.draining or broken:  # next request: the next process, or a clean start
+            self.close_connection = True
+            if not any(k.lower() == "connection" for k, _ in headers):
+                headers = [*headers, ("Connection", "close")]
+        return super().start_response(status, headers, exc_info)
+
+    def _sendall(self, data: bytes) -> None:
+        """Like pywsgi's, but the timeout bounds each wait for progress, not the whole write.
+
+        A big reply to a slow but reading client is fine; a client that takes nothing for
+        ``writeTimeoutMs`` raises TimeoutError here.
+        """
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[self.socket.send(view):]
+        except OSError as ex:
+            self.status = f"socket error: {ex}"
+            if self.code > 0:
+                self.code = -self.code
+            raise
+        self.response_length += len(data)
+
+    def handle_error(self, t: type[BaseException], v: BaseException, tb: Any) -> None:
+        if not isinstance(v, TimeoutError):
+            super().handle_error(t, v, tb)
+            return
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            linger_rst(self.socket)  # the client takes nothing: drop what is queued for it
+        log.warning("client took nothing of the reply; request ended", extra={
+            "event": "client_timeout", "client": client_ip(self.client_address),
+            "path": self.path, "sent_bytes": self.response_length,
+            "write_timeout_ms": self.server.settings().writeTimeoutMs})
+
+    def log_request(self) -> None:
+        pass  # pywsgi's own access log is replaced by the structured one
+
+
+class ApplianceServer(WSGIServer):
+    """pywsgi's server, knowing its connections so that a shutdown can drain them."""
+
+    def __init__(self, listener: Any, application: Any,
+                 settings: Callable[[], ServerConfig], tls: TlsTerminator | None = None
+                 ) -> None:
+        super().__init__(listener, application, handler_class=ClientHandler, log=None,
+                         error_log=logging.getLogger("ollama_lb.wsgi"),
+                         environ={"wsgi.url_scheme": "https"} if tls else None)
+        self.settings = settings
+        self.tls = tls
+        self.limiter = ConnectionLimiter(settings)
+        self.connections: set[ClientHandler] = set()
+        self.draining = False
+        self.bad_requests = Throttled(log)
+        self.refusals = Throttled(log)
+
+    def handle(self, sock: Any, address: Any) -> None:
+        """One accepted connection: the per-client cap, then TLS, then HTTP."""
+        accepted = time.monotonic()
+        ip = client_ip(address)
+        if not self.limiter.admit(ip):
+            with contextlib.suppress(OSError):
+                linger_rst(sock)  # closed at once, nothing read (see app/connlimit.py)
+            self.refusals.warning("connection refused: too many from this client", event=
+                                  "connection_refused", client=ip,
+                                  cap=self.settings().maxConnectionsPerClient,
+                                  refused_total=self.limiter.refused)
+            return
+        try:
+            if self.tls is not None:
+                left = accepted + self.settings().headerTimeoutMs / 1000.0 - time.monotonic()
+                sock = self.tls.handshake(sock, left, ip)
+                if sock is None:
+                    return
+            handler = self.handler_class(sock, address, self)
+            handler.accepted_at = accepted
+            handler.handle()
+        finally:
+            self.limiter.release(ip)
+
+    def begin_drain(self) -> None:
+        """Stop accepting; idle kept-alive connections close, busy ones after this reply."""
+        self.draining = True
+        self.close()
+        for handler in list(self.connections):
+            handler.close_connection = True
+            handler.close_if_idle()
+
+    def busy(self) -> int:
+        """Connections in a request, or new ones whose first request may be on its way."""
+        now = time.monotonic()
+        return sum(1 for h in self.connections if not h.idle or (
+            not h.requests_read and now - h.accepted_at < FRESH_S))
+
+    def wait_quiet(self, deadline: float, in_flight: Callable[[], int]) -> None:
+        while (in_flight() > 0 or self.busy()) and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+
+    def kill_connections(self) -> None:
+        gevent.killall([h.greenlet for h in list(self.connections)], timeout=1)
