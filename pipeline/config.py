@@ -127,6 +127,7 @@ class ServerConfig:
     allowedOrigins: tuple[str, ...] = setting((), items=NOT_EMPTY)  # CORS, like OLLAMA_ORIGINS
     writeTimeoutMs: int = setting(30_000, POSITIVE)  # a client taking nothing this long is cut
     keepAliveTimeoutMs: int = setting(75_000, POSITIVE)  # idle kept-alive client connections
+    maxBlobBytes: int = setting(1024 ** 4, POSITIVE)  # POST /api/blobs: streamed, never held
     # peers whose X-Forwarded-For / Forwarded headers are believed (addresses or networks)
     trustedProxies: tuple[str, ...] = setting((), items=_ip_network)
 
@@ -166,6 +167,7 @@ class TimeoutsConfig:
     healthCheckTimeoutMs: int = setting(2_000, POSITIVE)
     firstByteTimeoutMs: int = setting(240_000, POSITIVE)  # a cold model load is not a dead node
     streamIdleTimeoutMs: int = setting(120_000, POSITIVE)  # silence between two stream chunks
+    pullIdleTimeoutMs: int = setting(300_000, POSITIVE)  # pull/create/blob: no progress this long
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from pipeline.aggregate import PoolLists
 from pipeline.config import Config, load_config, with_restart_keys_from
 from pipeline.fanout import FanOut
 from pipeline.health import HealthChecker
+from pipeline.management import Management
 from pipeline.metrics import MetricsRegistry
 from pipeline.operations import PoolOperations
 from pipeline.pipeline import Pipeline
@@ -35,6 +36,10 @@ class PipelineFactory:
         self.pool_lists = PoolLists(self.node_registry, self.health_checker)
         self.fan_out: FanOut = self.pipeline.fan_out
         self.fan_out.refresh = self.health_checker.discover
+        self.fan_out.settings = lambda: self.config
+        # model management in the pipeline's books; the placement of models: (reconciler)
+        self.management = Management(self.pipeline.ledger, self.metrics_registry,
+                                     self.pipeline.streams, lambda: self.pipeline.accepting)
         self.operations = PoolOperations(self.node_registry, self.pipeline,
                                          self.pipeline.offer_capacity)
         self.started = False

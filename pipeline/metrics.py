@@ -112,6 +112,13 @@ class MetricsRegistry:
             self.reloads(result)
         self.admissions = _Bound(Counter(f"{p}_admissions", "Ring outcomes per request",
                                          ["outcome"], registry=r))
+        # model management (pull, create, blobs, copy, delete) and the placement reconciler
+        self.model_operations = _Bound(Counter(
+            f"{p}_model_operations", "Model management requests by operation and outcome",
+            ["operation", "outcome"], registry=r))
+        self.model_operation_latency = _Bound(Histogram(
+            f"{p}_model_operation_seconds", "Model management requests, seconds", ["operation"],
+            registry=r, buckets=(0.01, 0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 14400)))
         self._pool: PoolCollector | None = None
 
     def bind(self, stats: Callable[[], dict[str, Any]],
