@@ -1,12 +1,13 @@
 """Model management through the appliance: pull, create, copy, delete, blobs (pool-wide).
 
-The views are thin: what goes where is ``pipeline.fanout``'s, and every request is in the
-pipeline's books (``factory.management``: in flight for the drain, one access log line,
-counted per operation and outcome). A pull or create answers once a node has started
-streaming (so that a refusal every node agrees on, such as ``400 invalid model name``, is
-answered as Ollama answers it), then relays the merged progress; ``stream: false`` gets the
-single final object. While the view waits, and while it streams, the client's socket is
-watched: a client that goes away cancels the work it started on every node.
+The views are thin: what goes where is ``pipeline.fanout``'s, where a configured model is kept
+is the reconciler's (``factory.placement``), and every request is in the pipeline's books
+(``factory.management``: in flight for the drain, one access log line, counted per operation
+and outcome). A pull or create answers once a node has started streaming (so that a refusal
+every node agrees on, such as ``400 invalid model name``, is answered as Ollama answers it),
+then relays the merged progress; ``stream: false`` gets the single final object. While the
+view waits, and while it streams, the client's socket is watched: a client that goes away
+cancels the work it started on every node.
 """
 
 from __future__ import annotations
@@ -149,13 +150,17 @@ def _relay(run: ProgressRun, call: ManagementCall, sock: Any) -> Iterator[bytes]
 
 @bp.post("/api/pull")
 def pull() -> Response:
-    """Onto every serving node."""
+    """Onto every serving node; a model named in ``models:`` onto its targets (and wherever
+    it is already, to update it)."""
     _, data = _body()
     if isinstance(data, Response):
         return data
-    if not _model_of(data):
+    model = _model_of(data)
+    if not model:
         return json_response({"error": "invalid model name"}, 400)
-    return _progress("pull", data, factory().fan_out.serving())
+    f = factory()
+    nodes = f.placement.pull_targets(model)
+    return _progress("pull", data, f.fan_out.serving() if nodes is None else nodes)
 
 
 @bp.post("/api/create")

@@ -8,7 +8,7 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from app import admin, auth, cors, manage, ops, proxy
+from app import admin, auth, cors, manage, models_admin, ops, proxy
 from app.errors import error_body, json_response, plain
 from app.security import Security, exposure
 from pipeline.factory import PipelineFactory
@@ -24,6 +24,7 @@ def create_app(factory: PipelineFactory, reload_state: Any = None) -> Flask:
     app.url_map.strict_slashes = False
     for bp in (proxy.bp, manage.bp, ops.bp, admin.bp):
         app.register_blueprint(bp)
+    app.register_blueprint(models_admin.bp)  # GET /admin/models: placement (reconciler)
     cors.install(app, lambda: app.extensions["ollama_lb"].config.server.allowedOrigins)
     auth.install(app, Security.of(factory))  # after CORS: a preflight carries no key
     exposure(factory.config, factory.config.server.host)

@@ -19,6 +19,7 @@ from pipeline.management import Management
 from pipeline.metrics import MetricsRegistry
 from pipeline.operations import PoolOperations
 from pipeline.pipeline import Pipeline
+from pipeline.reconciler import Reconciler
 from pipeline.registry import NodeRegistry
 from pipeline.upstream import UpstreamClient
 
@@ -32,7 +33,7 @@ class PipelineFactory:
         self.pipeline = Pipeline(config, self.node_registry, self.metrics_registry,
                                  self.upstream)
         self.health_checker = HealthChecker(self.node_registry, self.upstream, config,
-                                            on_change=self.pipeline.offer_capacity)
+                                            on_change=self._health_round)
         self.pool_lists = PoolLists(self.node_registry, self.health_checker)
         self.fan_out: FanOut = self.pipeline.fan_out
         self.fan_out.refresh = self.health_checker.discover
@@ -40,6 +41,8 @@ class PipelineFactory:
         # model management in the pipeline's books; the placement of models: (reconciler)
         self.management = Management(self.pipeline.ledger, self.metrics_registry,
                                      self.pipeline.streams, lambda: self.pipeline.accepting)
+        self.placement = Reconciler(self.node_registry, self.fan_out, lambda: self.config,
+                                    self.metrics_registry)
         self.operations = PoolOperations(self.node_registry, self.pipeline,
                                          self.pipeline.offer_capacity)
         self.started = False
@@ -55,10 +58,12 @@ class PipelineFactory:
         self.pipeline.start()
         if health_checks:
             self.health_checker.start()
+        self.placement.start()
         self.started = True
         return self
 
     def stop(self) -> None:
+        self.placement.stop()
         self.health_checker.stop()
         self.pipeline.stop()
         self.upstream.close()
@@ -83,4 +88,10 @@ class PipelineFactory:
         self.config = config
         self.health_checker.config = config
         self.pipeline.apply_config(config)
+        self.placement.apply_config(config)
         return changes
+
+    def _health_round(self) -> None:
+        """After each round of health checks: capacity may be back, placement may be off."""
+        self.pipeline.offer_capacity()
+        self.placement.poke()

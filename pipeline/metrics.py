@@ -119,6 +119,9 @@ class MetricsRegistry:
         self.model_operation_latency = _Bound(Histogram(
             f"{p}_model_operation_seconds", "Model management requests, seconds", ["operation"],
             registry=r, buckets=(0.01, 0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 14400)))
+        self.placement_actions = _Bound(Counter(
+            f"{p}_placement_actions", "Reconciler actions (pull, warm, delete) by outcome",
+            ["action", "outcome"], registry=r))
         self._pool: PoolCollector | None = None
 
     def bind(self, stats: Callable[[], dict[str, Any]],

@@ -331,3 +331,111 @@ def test_a_200_mb_blob_streams_through_to_every_node_in_bounded_memory(fake_node
     finally:
         assert lb.stop() == 0
 
+
+# --- placement --------------------------------------------------------------------------------
+
+def _loaded(node, model: str) -> bool:
+    return any(r.name == f"{model}:latest" for r in node.node.sim.loaded.values())
+
+
+def _models_doc(lb) -> dict:
+    r = requests.get(f"{lb.url}/admin/models", timeout=5)
+    assert r.status_code == 200
+    return {m["name"]: m for m in r.json()["models"]} | {"_": r.json()}
+
+
+def test_placement_pulls_onto_the_roomiest_nodes_and_keeps_the_model_warm(fake_node,
+                                                                           appliance):
+    full = fake_node(["llama3.2", "base"], library=LIBRARY)  # two models on disk
+    half = fake_node(["llama3.2"], library=LIBRARY)
+    empty = fake_node([], library=LIBRARY)
+    lb = appliance([full, half, empty], models=[
+        {"name": "m2", "replicas": 2, "warm": True, "keepAlive": "30m"}])
+    assert wait_until(lambda: _loaded(half, "m2") and _loaded(empty, "m2"), timeout=15)
+    assert not full.node.sim.has("m2")
+    runner = next(r for r in empty.node.sim.loaded.values() if r.name == "m2:latest")
+    assert runner.keep_alive_s == 1800  # warmed with the model's keepAlive
+    assert wait_until(lambda: _models_doc(lb)["m2"]["state"] == "converged", timeout=5)
+    doc = _models_doc(lb)["m2"]
+    assert sorted(doc["targets"]) == sorted(doc["installed"]) == sorted(doc["loaded"]) == [
+        "n1", "n2"]
+    assert doc["want"] == "2 replicas" and doc["lastError"] is None
+    assert {"model": "base:latest", "installed": ["n0"]} in _models_doc(lb)["_"]["unmanaged"]
+    text = lb.factory.metrics_registry.scrape()
+    assert 'placement_actions_total{action="pull",outcome="success"} 1.0' in text
+    assert 'placement_actions_total{action="warm",outcome="success"} 1.0' in text
+
+
+def test_placement_converges_after_a_node_joins(fake_node, appliance):
+    from dataclasses import replace
+
+    from pipeline.config import NodeConfig
+
+    a, b = fake_node(["m2"], library=LIBRARY), fake_node([], library=LIBRARY)
+    lb = appliance([a], models=[{"name": "m2"}])  # on every node
+    assert wait_until(lambda: _models_doc(lb)["m2"]["state"] == "converged")
+    cfg = lb.factory.config
+    lb.factory.apply_config(replace(cfg, nodes=(*cfg.nodes, NodeConfig(id="n1", url=b.url))))
+    assert wait_until(lambda: b.node.sim.has("m2"), timeout=10)
+    assert wait_until(lambda: _models_doc(lb)["m2"]["installed"] == ["n0", "n1"])
+
+
+def test_placement_converges_after_a_node_loses_the_model(fake_node, appliance):
+    a, b, c = (fake_node(["m2"], library=LIBRARY), fake_node(["m2"], library=LIBRARY),
+               fake_node([], library=LIBRARY))
+    lb = appliance([a, b, c], models=[{"name": "m2", "replicas": 2}])
+    assert wait_until(lambda: _models_doc(lb)["m2"]["state"] == "converged")
+    b.node.sim.remove("m2")  # an operator deleted it on the box itself
+    assert wait_until(lambda: sum(n.node.sim.has("m2") for n in (a, b, c)) == 2, timeout=10)
+    holders = [f"n{i}" for i, n in enumerate((a, b, c)) if n.node.sim.has("m2")]
+    assert wait_until(lambda: _models_doc(lb)["m2"]["installed"] == holders)
+    assert wait_until(lambda: _models_doc(lb)["m2"]["state"] == "converged")
+    text = lb.factory.metrics_registry.scrape()
+    assert 'placement_actions_total{action="pull",outcome="success"} 1.0' in text
+
+
+def test_placement_deletes_only_with_prune(fake_node, appliance):
+    kept = [fake_node(["m2", "junk"]), fake_node(["m2", "junk"])]
+    lb = appliance(kept, models=[{"name": "m2", "nodes": ["n0"]}])
+    assert wait_until(lambda: _models_doc(lb)["m2"]["state"] == "converged")
+    assert all(n.node.sim.has("junk") and n.node.sim.has("m2") for n in kept)
+    assert _models_doc(lb)["m2"]["installed"] == ["n0", "n1"]  # an extra copy, left alone
+    pruned = [fake_node(["m2", "junk"]), fake_node(["m2", "junk"])]
+    lb2 = appliance(pruned, models=[{"name": "m2", "nodes": ["n0"]}],
+                    placement={"prune": True})
+    assert wait_until(lambda: not any(n.node.sim.has("junk") for n in pruned), timeout=10)
+    assert wait_until(lambda: not pruned[1].node.sim.has("m2"))
+    assert pruned[0].node.sim.has("m2")
+    assert wait_until(lambda: _models_doc(lb2)["m2"]["state"] == "converged")
+
+
+def test_placement_reports_a_failing_pull_and_backs_off(fake_node, appliance):
+    a = fake_node([], library=LIBRARY)
+    lb = appliance([a], models=[{"name": "not-in-the-library"}],
+                   placement={"intervalMs": 60_000})
+    assert wait_until(lambda: _models_doc(lb)["not-in-the-library"]["state"] == "failed")
+    doc = _models_doc(lb)["not-in-the-library"]
+    assert doc["lastError"] == "n0: pull model manifest: file does not exist"
+    assert doc["failures"] == 1 and doc["plan"]["pull"] == ["n0"]
+
+
+def test_a_client_pull_of_a_configured_model_goes_to_its_targets(fake_node, appliance):
+    a, b = fake_node(["m"], library=LIBRARY), fake_node(["m"], library=LIBRARY)
+    lb = appliance([a, b], models=[{"name": "m2", "nodes": ["n1"]}])
+    assert ollama.Client(host=lb.url).pull("m2").status == "success"
+    assert b.node.sim.has("m2") and not a.node.sim.has("m2")
+
+
+def test_keep_alive_is_given_to_requests_that_carry_none(fake_node, appliance):
+    a = fake_node(["m2"])
+    lb = appliance([a], models=[{"name": "m2", "keepAlive": "30m"}, {"name": "m"}])
+    placement = lb.factory.placement
+    assert placement.keep_alive_for("M2:latest") == "30m"
+    assert placement.keep_alive_for("m") is None and placement.keep_alive_for("x") is None
+    body = b'{"model": "m2", "messages": []}'
+    assert placement.with_keep_alive("/api/chat", body, "m2") == (
+        b'{"keep_alive":"30m","model": "m2", "messages": []}')
+    own = b'{"model": "m2", "keep_alive": 0}'
+    assert placement.with_keep_alive("/api/generate", own, "m2") == own
+    assert placement.with_keep_alive("/v1/chat/completions", body, "m2") == body
+    assert placement.with_keep_alive("/api/chat", body, "m") == body
