@@ -8,6 +8,7 @@ usage file.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import ollama
@@ -182,3 +183,31 @@ def test_usage_survives_a_restart_in_the_usage_file(fake_node, tmp_path):
             ollama.Client(host=second.url, headers=bearer(TEAM)).generate(model="m",
                                                                          prompt="x")
         assert err.value.status_code == 429  # still used up after the restart
+
+
+def sse_usage(text: str) -> dict:
+    """The usage of the last SSE frame that reports one (Anthropic, Responses)."""
+    found: dict = {}
+    for line in text.splitlines():
+        if line.startswith("data:"):
+            doc = json.loads(line[5:])
+            found = doc.get("usage") or (doc.get("response") or {}).get("usage") or found
+    return found
+
+
+def test_anthropic_and_responses_usage_is_counted(fake_node, appliance):
+    lb = appliance([fake_node(["m"])], security=keys())
+    want_in = want_out = 0
+    for path, body in (("/v1/messages", {"model": "m", "max_tokens": 5,
+                                         "messages": [{"role": "user", "content": "hi"}]}),
+                       ("/v1/responses", {"model": "m", "input": "hello there"})):
+        done = requests.post(f"{lb.url}{path}", json=body, headers={"x-api-key": TEAM},
+                             timeout=5).json()
+        streamed = requests.post(f"{lb.url}{path}", json={**body, "stream": True},
+                                 headers={"x-api-key": TEAM}, timeout=5).text
+        for reported in (done["usage"], sse_usage(streamed)):
+            want_in += reported["input_tokens"]
+            want_out += reported["output_tokens"]
+    today = usage(lb)["today"]
+    assert today["requests"] == 4 and want_out > 0
+    assert (today["tokensIn"], today["tokensOut"]) == (want_in, want_out)
