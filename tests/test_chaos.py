@@ -17,6 +17,7 @@ import requests
 
 from pipeline.breaker import CircuitState
 from pipeline.node import Health
+from tests.waiting import wait_until
 
 BODY = {"model": "m", "prompt": "hello", "stream": False}
 
@@ -136,8 +137,7 @@ def test_half_open_trial_closes_the_circuit_when_the_node_recovers(fake_node, ap
     node = lb.factory.node_registry.get("n0")
     assert node.circuit is CircuitState.OPEN
     flaky.node.set_fault("none")
-    gevent.sleep(0.35)
-    assert node.circuit is CircuitState.HALF_OPEN
+    assert wait_until(lambda: node.circuit is CircuitState.HALF_OPEN, 2)
     assert all_complete(ask(lb, 4, spawn=False))
     assert node.circuit is CircuitState.CLOSED
 

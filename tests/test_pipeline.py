@@ -19,6 +19,7 @@ from pipeline import (
     StrategyFactory,
 )
 from pipeline.config import parse_config
+from tests.waiting import wait_until
 
 
 @pytest.fixture
@@ -103,8 +104,8 @@ def test_timeout_while_waiting_for_a_hung_node_releases_everything(fake_node, li
         f.pipeline.submit(req).result()
     assert err.value.code is ErrorCode.TIMEOUT
     assert time.monotonic() - t0 < 2
-    gevent.sleep(0.05)
-    assert f.pipeline.in_flight == 0 and f.node_registry.get("n0").in_flight == 0
+    assert wait_until(lambda: f.pipeline.in_flight == 0
+                      and f.node_registry.get("n0").in_flight == 0, 2)
 
 
 def test_timeout_in_the_capacity_queue_releases_its_place(fake_node, lib):
@@ -125,8 +126,7 @@ def test_no_head_of_line_blocking_across_models(fake_node, lib):
     free = fake_node(["free"])
     f = lib([busy, free], node_overrides={0: {"maxConcurrentRequests": 1}})
     slow = [f.pipeline.submit(InferenceRequest.of_prompt("busy", str(i))) for i in range(4)]
-    gevent.sleep(0.05)
-    assert len(f.pipeline.queue) == 3  # busy's requests wait for its only slot
+    assert wait_until(lambda: len(f.pipeline.queue) == 3, 2)  # busy's wait for its only slot
     t0 = time.monotonic()
     quick = f.pipeline.submit(InferenceRequest.of_prompt("free", "now")).result()
     assert quick.status == 200 and time.monotonic() - t0 < 0.5
@@ -213,8 +213,7 @@ def test_model_aware_waits_for_a_busy_warm_node_then_scales_out(fake_node, lib):
     a = f.pipeline.submit(InferenceRequest.of_prompt("m", "a"))  # takes the warm node
     b = f.pipeline.submit(InferenceRequest.of_prompt("m", "b"))  # waits for it (no cold load)
     c = f.pipeline.submit(InferenceRequest.of_prompt("m", "c"))  # waits too (2 rounds)
-    gevent.sleep(0.05)
-    assert len(f.pipeline.queue) == 2
+    assert wait_until(lambda: len(f.pipeline.queue) == 2, 2)
     d = f.pipeline.submit(InferenceRequest.of_prompt("m", "d"))  # backlog: goes cold
     assert d.result().node_id != first_node.id
     assert a.result().node_id == first_node.id

@@ -9,6 +9,7 @@ from pipeline.errors import RingFullError
 from pipeline.ring import RingBuffer
 from pipeline.wait import WAIT_STRATEGY_NAMES, create_wait_strategy
 from pipeline.wiring import Disruptor
+from tests.waiting import wait_until
 
 
 class Event:
@@ -107,14 +108,17 @@ def test_ring_wraps_around_many_times_with_reused_slots():
 
 def test_ring_full_rejects_at_once_without_blocking():
     gate = gevent.event.Event()
+    entered = []
 
     def stuck(ev):
+        entered.append(ev.value)
         gate.wait()
 
     ring, d, _log, _ = make(4, handlers=["a", ("stuck", stuck)])
     for i in range(4):
         publish(ring, i)
-    gevent.sleep(0.01)
+    # the stages run: "a" has handled every slot, "stuck" holds the first one
+    assert wait_until(lambda: d.stages[0].processed == 4 and entered == [0], 2)
     with gevent.Timeout(0.5), pytest.raises(RingFullError):  # would hang if it blocked
         ring.try_claim()
     assert ring.remaining() == 0
@@ -176,7 +180,7 @@ def test_idle_stages_never_starve_other_greenlets(strategy):
     publish(ring, 1)
     drain(ring, d)
     d.halt()
-    gevent.sleep(0.01)
+    assert wait_until(lambda: all(s.greenlet.dead for s in d.stages), 2)  # parked ones too
 
 
 def test_ring_size_must_be_a_power_of_two():
