@@ -181,7 +181,10 @@ def _on_holders(operation: str, model: str, run: Any) -> Response:
     except PipelineError as err:
         return error_response(err, request.path)
     call.targets([n.id for n in factory().fan_out.having(model)])
-    return _combined(call, run())
+    try:
+        return _combined(call, run())
+    finally:
+        call.finish("cancelled", "CANCELLED")  # only if it did not finish (killed)
 
 
 @bp.delete("/api/delete")
@@ -250,9 +253,10 @@ def blob_post(digest: str) -> Response:
         return error_response(err, request.path)
     call.targets([n.id for n in factory().fan_out.serving()])
     try:
-        result = factory().fan_out.blob_upload(digest, _pieces(limit), length)
+        return _combined(call, factory().fan_out.blob_upload(digest, _pieces(limit), length))
     except BlobTooLarge as exc:
         return _answer(call, json_response({"error": str(exc)}, 413), "client_error")
     except OSError as exc:  # the client went away (or stopped sending) mid-upload
         return _answer(call, json_response({"error": f"upload cut: {exc}"}, 400), "cancelled")
-    return _combined(call, result)
+    finally:  # a body that stalls or ends early raises werkzeug's 408/400: counted out too
+        call.finish("cancelled", "CANCELLED")  # only if not answered above

@@ -135,6 +135,18 @@ def test_a_client_that_goes_away_cancels_the_pulls_it_started(fake_node, applian
     assert 'model_operations_total{operation="pull",outcome="cancelled"} 1.0' in text
 
 
+
+def test_a_client_that_stops_waiting_for_a_whole_reply_cancels_the_pulls(fake_node, appliance):
+    nodes = [fake_node(["m"], library=LIBRARY, pull_bps=1e9) for _ in range(2)]
+    lb = appliance(nodes)
+    with pytest.raises(requests.ReadTimeout):  # stream:false: nothing comes until the end
+        requests.post(f"{lb.url}/api/pull", json={"model": "llama3.2", "stream": False},
+                      timeout=(2, 0.3))
+    assert wait_until(lambda: _live_pulls(nodes) == 0)
+    assert not any(n.node.sim.has("llama3.2") for n in nodes)
+    assert wait_until(lambda: lb.factory.management.in_flight == 0)
+
+
 # --- create -----------------------------------------------------------------------------------
 
 def test_create_from_a_model_no_node_has_pulls_it_on_every_node_first(fake_node, appliance):
@@ -246,6 +258,22 @@ def test_a_node_down_mid_blob_is_named_and_the_others_get_it(fake_node, applianc
     assert r.json()["error"].endswith("; n0 have it")
     assert a.node.blobs[digest].size == 4 + 64 * len(piece)
     assert digest not in b.node.blobs
+
+
+def test_a_client_that_leaves_mid_blob_leaves_no_partial_blob_anywhere(fake_node, appliance):
+    from gevent import socket as gsocket
+
+    a, b = fake_node(["m"]), fake_node(["m"])
+    lb = appliance([a, b])
+    digest = _digest(b"z" * 10_000_000)
+    conn = gsocket.create_connection(("127.0.0.1", lb.port), timeout=5)
+    conn.sendall(f"POST /api/blobs/{digest} HTTP/1.1\r\nHost: x\r\n"
+                 "Content-Length: 10000000\r\n\r\n".encode() + b"z" * 1_000_000)
+    assert wait_until(lambda: lb.factory.management.in_flight == 1)
+    conn.close()  # gone, 9 MB short
+    assert wait_until(lambda: lb.factory.management.in_flight == 0)
+    assert wait_until(lambda: lb.factory.pipeline.in_flight == 0)
+    assert digest not in a.node.blobs and digest not in b.node.blobs
 
 
 def test_blob_size_limit_is_its_own_and_no_node_keeps_a_partial_blob(fake_node, appliance):
