@@ -23,6 +23,8 @@ from app.tokencount import TokenCounter
 from pipeline.endpoints import ANTHROPIC, OPENAI, api_for
 
 GRANT = "ollama_lb.grant"
+#: how a stream's error line starts (native, OpenAI, Anthropic): the reply failed after all
+ERROR_STARTS = (b'{"error"', b'data: {"error"', b"event: error")
 REVOKED = "API key revoked"
 StartResponse = Callable[..., Any]
 
@@ -47,8 +49,8 @@ def revoked_line(content_type: str, path: str) -> bytes:
 class Metered:
     """An admitted request's reply on its way out."""
 
-    __slots__ = ("closed", "content_type", "counter", "cut", "finish", "first_at", "grant",
-                 "inner", "path", "status")
+    __slots__ = ("closed", "content_type", "counter", "cut", "failed", "finish", "first_at",
+                 "grant", "inner", "path", "status")
 
     def __init__(self, inner: Iterable[bytes], grant: Grant, status: int, content_type: str,
                  path: str, finish: Callable[[Metered], None]) -> None:
@@ -61,6 +63,7 @@ class Metered:
         self.counter = TokenCounter(content_type) if grant.counts_tokens else None
         self.first_at: float | None = None
         self.cut = False  # ended because the key was revoked
+        self.failed = False  # a stream that ended with an error line
         self.closed = False
 
     def __iter__(self) -> Iterator[bytes]:
@@ -77,6 +80,8 @@ class Metered:
                     self.first_at = time.monotonic()
                 if counter is not None:
                     counter.observe(chunk)
+                if chunk.startswith(ERROR_STARTS) and self.streamed:
+                    self.failed = True
             yield chunk
 
     @property

@@ -133,7 +133,7 @@ class Security:
             return
         tokens_in, tokens_out = (reply.counter.counts(reply.streamed)
                                  if reply.counter is not None else (0, 0))
-        error = reply.status >= 400 or reply.cut
+        error = reply.status >= 400 or reply.cut or reply.failed
         grant.account.charge(utc_day(), 1, int(error), tokens_in, tokens_out)
         if grant.key is not None:
             ttft = (reply.first_at - grant.started

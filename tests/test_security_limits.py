@@ -211,3 +211,23 @@ def test_anthropic_and_responses_usage_is_counted(fake_node, appliance):
     today = usage(lb)["today"]
     assert today["requests"] == 4 and want_out > 0
     assert (today["tokensIn"], today["tokensOut"]) == (want_in, want_out)
+
+
+def test_failed_requests_count_as_errors_and_give_their_place_back(fake_node, appliance):
+    node = fake_node(["m"])
+    lb = appliance([node], security=keys(maxConcurrent=1), retry={"maxRetries": 0})
+    client = ollama.Client(host=lb.url, headers=bearer(TEAM))
+    node.node.set_fault("500", count=1)
+    with pytest.raises(ollama.ResponseError) as err:
+        client.generate(model="m", prompt="x")
+    assert err.value.status_code == 500
+    node.node.set_fault("reset-mid-stream", count=1)
+    with pytest.raises(ollama.ResponseError):
+        list(client.generate(model="m", prompt="x", stream=True))  # ends with an error line
+    with pytest.raises(ollama.ResponseError) as err:
+        client.generate(model="nope", prompt="x")
+    assert err.value.status_code == 404
+    assert wait_until(lambda: usage(lb)["inFlight"] == 0)
+    assert client.generate(model="m", prompt="x").done  # the one place is free
+    today = usage(lb)["today"]
+    assert today["requests"] == 4 and today["errors"] == 3  # 500, broken stream, 404
