@@ -252,8 +252,12 @@ def test_without_keys_management_answers_loopback_only_and_never_through_a_proxy
         model="m", prompt="x").done  # inference stays open to everyone
 
 
-def test_trusted_proxies_pass_the_forwarded_client_on(fake_node, appliance):
+def test_trusted_proxies_pass_the_forwarded_client_on(fake_node, appliance, logs):
     lb = appliance([fake_node(["m"])], server={"trustedProxies": ["127.0.0.0/8"]})
+    ollama.Client(host=lb.url, headers={"X-Forwarded-For": "203.0.113.5, 127.0.0.2"}
+                  ).generate(model="m", prompt="x")
+    access = [json.loads(x) for x in logs.getvalue().splitlines() if '"request"' in x]
+    assert access[-1]["client"] == "203.0.113.5"  # logs see the client, not the proxy
     far = {"X-Forwarded-For": "192.0.2.9, 127.0.0.1"}
     r = requests.post(f"{lb.url}/api/copy", json={"source": "m", "destination": "x"},
                       headers=far, timeout=5)
