@@ -28,7 +28,8 @@ from gevent.event import Event
 from gevent.pool import Group
 from urllib3.util import Timeout
 
-from pipeline.upstream import TRANSPORT_ERRORS, describe
+from pipeline.reasons import reason
+from pipeline.upstream import TRANSPORT_ERRORS
 
 PIECE = 256 * 1024  # what the caller reads from the client at a time
 DEPTH = 8  # pieces the slowest node may be behind before the client waits
@@ -173,7 +174,7 @@ class BlobTee:
                                 timeout=Timeout(connect=self.idle_s, read=self.idle_s))
             return Outcome(resp.status, _message(resp.data) if resp.status >= 300 else "")
         except TRANSPORT_ERRORS as exc:
-            why = describe(exc)
+            why = reason(exc)
             return Outcome(0, f"no progress for {self.idle_s:g} s" if why == "read timed out"
                            else why)
         finally:

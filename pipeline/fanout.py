@@ -32,8 +32,9 @@ from pipeline.config import Config
 from pipeline.modelname import canonical
 from pipeline.node import Node
 from pipeline.progressrun import ProgressRun, error_text
+from pipeline.reasons import reason
 from pipeline.registry import NodeRegistry
-from pipeline.upstream import UpstreamClient, describe
+from pipeline.upstream import UpstreamClient
 
 JSON_TYPE = "application/json; charset=utf-8"
 DIGEST = re.compile(r"sha256[:-][0-9a-fA-F]{64}")  # as Ollama's blob routes accept it
@@ -119,7 +120,7 @@ class FanOut:
                     finally:
                         resp.close()
             except (Exception, gevent.Timeout) as exc:
-                why = "timed out" if isinstance(exc, gevent.Timeout) else describe(exc)
+                why = "timed out" if isinstance(exc, gevent.Timeout) else reason(exc)
                 return NodeReply(node, 0, b"", why)
 
         jobs = [gevent.spawn(one, n) for n in nodes]

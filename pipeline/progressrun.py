@@ -23,7 +23,8 @@ from gevent.pool import Group
 
 from pipeline.node import Node
 from pipeline.progress import Line, ProgressMerge
-from pipeline.upstream import TRANSPORT_ERRORS, UpstreamClient, UpstreamResponse, describe
+from pipeline.reasons import reason
+from pipeline.upstream import TRANSPORT_ERRORS, UpstreamClient, UpstreamResponse
 
 HEADERS = {"Content-Type": "application/json", "Accept": "application/x-ndjson"}
 
@@ -142,7 +143,7 @@ class ProgressRun:
             self._changed.set()
 
     def _lost(self, node: Node, exc: BaseException) -> None:
-        why = describe(exc)
+        why = reason(exc)
         if why == "read timed out":
             why = f"no progress for {self.idle_s:g} s"
         if self.merge.nodes[node.id].started:
