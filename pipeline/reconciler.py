@@ -77,6 +77,9 @@ class Reconciler:
         self._group = Group()
         self._wake = Event()
         self._greenlet: gevent.Greenlet | None = None
+        #: False: plan and report only, start no action. Only one process may act on a pool
+        #: (one worker of ``server.workers``, one appliance of several sharing the nodes)
+        self.active = True
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -122,9 +125,9 @@ class Reconciler:
         for mp in plan.models:
             self._log_plan(mp)
             state = self.state.setdefault(mp.model, ModelState())
-            if mp.actions and not self._busy(mp.model) and now >= state.retry_at:
+            if self.active and mp.actions and not self._busy(mp.model) and now >= state.retry_at:
                 self._spawn(mp.model, self._act, mp)
-        if plan.prune and not self._busy(PRUNE) and now >= self.state.setdefault(
+        if self.active and plan.prune and not self._busy(PRUNE) and now >= self.state.setdefault(
                 PRUNE, ModelState()).retry_at:
             self._spawn(PRUNE, self._prune, plan.prune)
         return plan
@@ -247,6 +250,7 @@ class Reconciler:
         cfg = self.settings()
         plan = make_plan(cfg.models, self.registry.all_nodes(), cfg.placement.prune)
         return {"prune": cfg.placement.prune, "intervalMs": cfg.placement.intervalMs,
+                "active": self.active,
                 "models": [self._model_status(m, mp) for m, mp in zip(cfg.models, plan.models,
                                                                      strict=True)],
                 "unmanaged": [{"model": m, "installed": list(ids)}

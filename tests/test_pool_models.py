@@ -467,3 +467,16 @@ def test_keep_alive_is_given_to_requests_that_carry_none(fake_node, appliance):
     assert placement.with_keep_alive("/api/generate", own, "m2") == own
     assert placement.with_keep_alive("/v1/chat/completions", body, "m2") == body
     assert placement.with_keep_alive("/api/chat", body, "m") == body
+
+
+def test_an_inactive_reconciler_plans_and_reports_but_does_not_act(fake_node, appliance):
+    a = fake_node([], library=LIBRARY)
+    lb = appliance([a], models=[{"name": "m2"}], placement={"intervalMs": 60_000})
+    lb.factory.placement.active = False  # another worker (or appliance) acts on this pool
+    lb.factory.placement.apply_config(lb.factory.config)  # a pass now
+    assert wait_until(lambda: _models_doc(lb)["m2"]["plan"]["pull"] == ["n0"])
+    assert lb.factory.placement.reconcile().get("m2").pull == ("n0",)
+    assert not a.node.sim.has("m2") and _models_doc(lb)["_"]["active"] is False
+    lb.factory.placement.active = True
+    lb.factory.placement.poke()
+    assert wait_until(lambda: a.node.sim.has("m2"), timeout=10)
