@@ -33,9 +33,9 @@ def non_streaming(res: dict[str, Any] | None) -> list[Row]:
     return [
         _row("CPU per proxied request <= 2.5x a bare Flask-on-gevent hello world (10 clients)",
              g["cpu_vs_hello"], lambda v: v <= 2.5,
-             f"{g['cpu_vs_hello'] or 0:.2f}x ({cpu:.0f} us vs {hello:.0f} us)", "-"),
+             f"{g['cpu_vs_hello'] or 0:.2f}x ({cpu:,.0f} us vs {hello:,.0f} us)", "-"),
         _row("CPU per proxied request <= 4x smg's (10 clients)", g["cpu_vs_smg"],
-             lambda v: v <= 4, f"{g['cpu_vs_smg'] or 0:.2f}x ({cpu:.0f} us vs {smg:.0f} us)",
+             lambda v: v <= 4, f"{g['cpu_vs_smg'] or 0:.2f}x ({cpu:,.0f} us vs {smg:,.0f} us)",
              no_smg),
         _row("throughput >= 0.5x smg's (10 clients)", g["rps_vs_smg"], lambda v: v >= 0.5,
              f"{g['rps_vs_smg'] or 0:.2f}x ({g['rps'] or 0:,.0f} vs {g['smg_rps'] or 0:,.0f} "
@@ -50,10 +50,11 @@ def streaming(res: dict[str, Any] | None) -> list[Row]:
         return [("streaming goals", "not measured", "scenario 2 did not run")]
     g = streams.goal_figures(res)
     n = g["streams"]
-    at = f" (at {n} streams, not the goal's 1,000: a --quick run)" if n < 1000 else ""
+    at = (f" (at {n} streams, not the goal's 1,000: a --quick run)" if n < 1000
+          else f" ({n:,} streams)")
     return [
-        _row(f"added TTFT p99 < 50 ms at 1,000 streams{at}", g["added_ttft_p99_ms"],
-             lambda v: v < 50, f"{g['added_ttft_p99_ms'] or 0:+.1f} ms", "no figure"),
+        _row(f"added TTFT p99 < 50 ms{at}", g["added_ttft_p99_ms"],
+             lambda v: v < 50, f"{g['added_ttft_p99_ms'] or 0:+,.1f} ms", "no figure"),
         _row(f"gap p99 within 1.5x of direct{at}", g["gap_vs_direct"], lambda v: v <= 1.5,
              f"{g['gap_vs_direct'] or 0:.2f}x ({g['gap_p99_ms'] or 0:.1f} vs "
              f"{g['direct_gap_p99_ms'] or 0:.1f} ms)", "no figure"),
@@ -76,9 +77,9 @@ def ring(res: dict[str, Any] | None) -> list[Row]:
     rps = 20000 / yielding["median_s"] if yielding else None
     return [
         _row("ring adds < 50 us p50 over a plain loop at 10,000 req/s", p50, lambda v: v < 50,
-             f"{p50 or 0:+.0f} us", "no latency benchmark"),
+             f"{p50 or 0:+,.0f} us", "no latency benchmark"),
         _row("ring adds < 150 us p99 over a plain loop at 10,000 req/s", p99, lambda v: v < 150,
-             f"{p99 or 0:+.0f} us", "no latency benchmark"),
+             f"{p99 or 0:+,.0f} us", "no latency benchmark"),
         _row("ring > 50,000 req/s with no-op dispatch (default `yielding`)", rps,
              lambda v: v > 50000, f"{rps or 0:,.0f} req/s", "no throughput benchmark"),
     ]

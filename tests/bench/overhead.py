@@ -101,7 +101,8 @@ def report(res: dict[str, Any]) -> str:
         runs = row["runs"]
         d = runs["direct"]
         ps = [runs.get(p) for p in PROXIES]
-        errors = sum(int(sum(r["non2xx"]) + sum(r["socket_errors"])) for r in runs.values())
+        errors = ", ".join(f"{name} {n}" for name, r in runs.items()
+                           if (n := int(sum(r["non2xx"]) + sum(r["socket_errors"])))) or "0"
         lines.append(
             f"| {row['endpoint']} `{row['path']}` | {row['conns']} | {spread(d['rps'])} | "
             + " / ".join(spread(p["rps"]) if p else "n/a" for p in ps) + " | "
@@ -114,7 +115,8 @@ def report(res: dict[str, Any]) -> str:
               f"{GOAL_CONNS} conns, `{ENDPOINTS[GOAL_ENDPOINT][0]}`): {spread(h['rps'])} req/s, "
               f"{med(h['cpu_us']):.0f} us CPU per request. Direct (the node itself): its own "
               "CPU is not charged to any proxy. Errors: non-2xx replies plus socket errors "
-              "over all targets of the row (0 means every figure is of real answers)."]
+              "(wrk's 2 s timeout included) summed over the row's runs, per target (0: every "
+              "figure is of real answers)."]
     return "\n".join(lines)
 
 
