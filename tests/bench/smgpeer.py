@@ -15,12 +15,10 @@ it, plus loopback host and ports: ``smg launch --backend openai --disable-health
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import procs
+import toolvenv
 
 PACKAGE = "sglang-router"
 #: the version installed into a new venv (one that exists is reused as it is)
@@ -32,33 +30,12 @@ def binary(venv: Path) -> Path:
 
 
 def installed_version(venv: Path) -> str | None:
-    out = subprocess.run([str(venv / "bin" / "python"), "-c",
-                          f"import importlib.metadata as m; print(m.version({PACKAGE!r}))"],
-                         capture_output=True, text=True, timeout=60)
-    return out.stdout.strip() if out.returncode == 0 else None
+    return toolvenv.installed_version(venv, PACKAGE)
 
 
 def ensure(venv: Path) -> tuple[Path | None, str]:
     """The smg executable, installing it into ``venv`` first if needed; (None, why) if not."""
-    if binary(venv).exists():
-        return binary(venv), ""
-    python = shutil.which("python3") or sys.executable
-    print(f"installing {PACKAGE}=={PIN} into {venv} (once; reused by later runs)...",
-          file=sys.stderr, flush=True)
-    steps = [[python, "-m", "venv", str(venv)],
-             [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check",
-              f"{PACKAGE}=={PIN}"]]
-    for step in steps:
-        try:
-            out = subprocess.run(step, capture_output=True, text=True, timeout=900)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return None, f"`{' '.join(step[-2:])}` failed: {exc}"
-        if out.returncode != 0:
-            last = (out.stderr.strip() or out.stdout.strip()).splitlines()[-1:] or ["?"]
-            return None, f"`{' '.join(step[-2:])}` failed: {last[0][:200]}"
-    if not binary(venv).exists():
-        return None, f"{PACKAGE} installed no `smg` executable"
-    return binary(venv), ""
+    return toolvenv.ensure(venv, PACKAGE, PIN, "smg")
 
 
 def start(nodes: list[procs.Proc], workdir: Path, venv: Path) -> tuple[procs.Proc | None, str]:
