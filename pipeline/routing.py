@@ -78,11 +78,11 @@ class Router:
         free = [n for n in admitting if n.has_capacity()]
         if not free or not self.strategy.waits_for_warm:
             return free
-        if cold_ok:  # waited long enough for a warm node: evict least, but go
-            return [n for n in free if self._spare(n)] or free
         warm = [n for n in admitting if model in n.loaded]
         if not warm or any(n.has_capacity() for n in warm):
             return free  # nothing warm anywhere (a cold load is unavoidable), or warm and free
+        if cold_ok:  # waited long enough for a busy warm node: evict least, but go
+            return [n for n in free if self._spare(n)] or free
         if self.waiting(model) < WARM_BACKLOG * sum(n.max_concurrent for n in warm):
             return []  # wait for a warm slot
         return [n for n in free if self._spare(n)]  # scale out without evicting a last copy

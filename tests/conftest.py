@@ -53,7 +53,12 @@ def _live_greenlets() -> list[str]:
             fn = getattr(obj, "_run", None) or getattr(obj, "run", None)
             module = getattr(fn, "__module__", "") or ""
             if module.startswith(("app.", "pipeline.")):
-                live.append(f"{module}.{getattr(fn, '__qualname__', fn)}")
+                where, frame = [], obj.gr_frame  # innermost first: where it is waiting
+                while frame is not None and len(where) < 4:
+                    where.append(f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:"
+                                 f"{frame.f_lineno}")
+                    frame = frame.f_back
+                live.append(f"{module}.{getattr(fn, '__qualname__', fn)} ({' < '.join(where)})")
     return live
 
 

@@ -204,3 +204,21 @@ def test_model_names_compare_in_canonical_form():
         "registry.ollama.ai/library/llama3.2:latest")
     assert canonical("me/model:7b") == "registry.ollama.ai/me/model:7b"
     assert canonical("host:5000/ns/m") == "host:5000/ns/m:latest"
+
+
+def test_a_request_that_waited_long_still_prefers_a_free_warm_node():
+    """After its wait for a warm node ran out, a request may go cold, but not when a warm
+    node has room: the router must still offer that one (cold_ok only widens the choice)."""
+    from pipeline.routing import Router
+
+    cfg = parse_config({"nodes": [{"id": f"n{i}", "url": f"http://127.0.0.1:{9 + i}",
+                                   "models": [M, "k"]} for i in range(2)]})
+    from pipeline.registry import NodeRegistry
+    registry = NodeRegistry(cfg)
+    warm, other = registry.all_nodes()
+    warm.set_loaded({M, canonical("k")})  # not spare: holds the only warm copy of k
+    router = Router(registry, StrategyFactory.create("model-aware"))
+    assert router.candidates(M, [warm, other], cold_ok=True) == [warm, other]
+    lease = router.acquire(M, cold_ok=True)
+    assert lease is not None and lease.node is warm
+    registry.release(lease)
