@@ -29,8 +29,9 @@ class Router:
 
     That wait is bounded (``warm_wait_s``): a request never waits for a warm node longer than
     a cold load is expected to take (learned from the first bytes of cold dispatches, capped
-    by ``strategy.maxWarmWaitMs``), and after that it may use any free node (``cold_ok``),
-    spare ones first. So no request is left queued while a node that can serve it sits idle.
+    by ``strategy.maxWarmWaitMs``), and after that it may use an idle node (``cold_ok``: no
+    request in flight there), spare ones first. So no request is left queued while a node that
+    can serve it sits idle, and a busy pool does not thrash loading models on half-busy nodes.
     """
 
     def __init__(self, registry: NodeRegistry, strategy: Strategy,
@@ -81,8 +82,9 @@ class Router:
         warm = [n for n in admitting if model in n.loaded]
         if not warm or any(n.has_capacity() for n in warm):
             return free  # nothing warm anywhere (a cold load is unavoidable), or warm and free
-        if cold_ok:  # waited long enough for a busy warm node: evict least, but go
-            return [n for n in free if self._spare(n)] or free
+        if cold_ok:  # waited long enough for a busy warm node: an idle node may load it
+            idle = [n for n in free if n.in_flight == 0]
+            return [n for n in idle if self._spare(n)] or idle
         if self.waiting(model) < WARM_BACKLOG * sum(n.max_concurrent for n in warm):
             return []  # wait for a warm slot
         return [n for n in free if self._spare(n)]  # scale out without evicting a last copy
