@@ -229,18 +229,24 @@ class Dispatcher:
         ticket.set(handle)
 
     def _stale_model(self, ticket: Ticket, node: Node, tried: list[Node]) -> bool:
-        """A 404 from a node we believed had the model: forget it there, try another once.
+        """A 404 from a node we believed had the model, or knew nothing about: forget it
+        there, and try once on another node known to have it.
 
-        Only a discovered model can be stale (a configured one is the operator's word), and
-        only one such retry is made per request.
+        A node whose model list is unknown (discovery failed or has not run yet) is offered
+        every model, so its 404 means "not here", not "nowhere". A configured model is the
+        operator's word, so its 404 is the node's answer.
         """
         model = ticket.model or ""
-        if node.installed is None or model not in node.installed or model in node.static_models:
+        if model in node.static_models:
             return False
-        node.installed.discard(model)
+        if node.installed is not None:
+            if model not in node.installed:
+                return False
+            node.installed.discard(model)
         node.loaded.discard(model)
         others = [n for n in self.registry.all_nodes()
-                  if n is not node and n not in tried and n.has_model(model)]
+                  if n is not node and n not in tried and n.has_model(model)
+                  and (n.installed is not None or bool(n.static_models))]
         return bool(others) and time.monotonic() < ticket.deadline
 
     def fan_out(self, ticket: Ticket) -> None:

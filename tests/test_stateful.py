@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import gevent
-import pytest
 import requests
 from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
@@ -385,9 +384,6 @@ TestRandomTrafficFaultsAndReloads.settings = SETTINGS
 
 # --- found by the machine above -----------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="a node whose model list is unknown (its discovery failed"
-                   " or has not run) is routed models only other nodes have, and its 404 is "
-                   "relayed instead of retried on a node known to have the model")
 def test_404_from_a_node_with_an_unknown_model_list_is_retried_where_the_model_is(
         fake_node, appliance):
     has, unknown = fake_node(["p"]), fake_node(["other"])
