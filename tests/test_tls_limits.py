@@ -224,6 +224,22 @@ def test_an_unloadable_replacement_keeps_the_current_certificate_until_a_good_on
     wait_until(lambda: presented_cert(lb.port, pki) != old, 10, step=0.1)
 
 
+def test_an_idle_https_connection_is_closed_by_the_drain_at_once(fake_node, appliance, pki):
+    """Under TLS the drain closes an idle kept-alive connection as it does a plain one."""
+    lb = appliance([fake_node(["m"])], server={**tls_server(pki), "drainSeconds": 10},
+                   check_leaks=False)  # the test shuts it down itself, and checks below
+    with handshake(lb.port, client_context(pki)) as tls:
+        tls.sendall(http_request("GET", "/api/version"))
+        assert read_response(tls)[0].startswith(b"HTTP/1.1 200")  # now idle, kept alive
+        start = time.monotonic()
+        stopping = gevent.spawn(lb.shutdown)
+        assert read_until_eof(tls, timeout=5) == b""  # closed by the drain
+        stopping.get(timeout=5)
+        assert time.monotonic() - start < 3  # nothing busy: no wait for drainSeconds
+    assert not lb.server.connections and lb.factory.pipeline.in_flight == 0
+    assert lb.exit_status == 0
+
+
 def test_tls_files_are_checked_at_start_and_in_the_config():
     with pytest.raises(ConfigError, match=r"server\.tls: certFile and keyFile"):
         parse_config({"server": {"tls": {"certFile": "/x.pem"}}})
