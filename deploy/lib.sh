@@ -16,6 +16,10 @@ SYSCTL=/etc/sysctl.d/60-ollama-lb.conf
 SERVICE_USER=ollama-lb
 SERVICE=ollama-lb
 SOCKET=ollama-lb.socket
+TLS_DIR="$CONF_DIR/tls"
+TLS_CERT="$TLS_DIR/cert.pem"
+TLS_KEY="$TLS_DIR/key.pem"
+TLS_CLIENT_CA="$TLS_DIR/client-ca.pem"
 DEPLOY_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 say() { printf '==> %s\n' "$*"; }
@@ -100,7 +104,8 @@ current_release() {
     readlink -f "$CURRENT" 2>/dev/null || true
 }
 
-# Where /health/live answers, read from the config by the release's own loader.
+# Where /health/live answers (https:// with server.tls), read from the config by the
+# release's own loader.
 health_url() {
     "$CURRENT/bin/python" - "$CONFIG" <<'PY'
 import sys
@@ -108,20 +113,27 @@ from pipeline.config import load_config
 c = load_config(sys.argv[1]).server
 host = "127.0.0.1" if c.host in ("0.0.0.0", "") else ("::1" if c.host == "::" else c.host)
 host = f"[{host}]" if ":" in host else host
-print(f"http://{host}:{c.port}/health/live")
+print(f"{'https' if c.tls.certFile else 'http'}://{host}:{c.port}/health/live")
 PY
 }
 
-# Wait until the service is active and /health/live answers 200.
+# Wait until the service is active and /health/live answers 200. Over HTTPS the certificate
+# is not checked (it names the public host, not loopback); with mutual TLS this probe has no
+# client certificate, so "active" (READY=1: serving, certificate loaded) has to do.
 wait_healthy() {
     local timeout=${1:-30} url deadline
     url=$(health_url) || return 1
     deadline=$((SECONDS + timeout))
     while [ "$SECONDS" -lt "$deadline" ]; do
-        if systemctl is-active --quiet "$SERVICE" && "$CURRENT/bin/python" - "$url" <<'PY'
-import sys, urllib.request
+        if systemctl is-active --quiet "$SERVICE" && "$CURRENT/bin/python" - "$url" "$CONFIG" <<'PY'
+import ssl, sys, urllib.request
+from pipeline.config import load_config
+if load_config(sys.argv[2]).server.tls.clientCaFile:
+    sys.exit(0)
 try:
-    sys.exit(0 if urllib.request.urlopen(sys.argv[1], timeout=2).status == 200 else 1)
+    reply = urllib.request.urlopen(sys.argv[1], timeout=2,
+                                   context=ssl._create_unverified_context())
+    sys.exit(0 if reply.status == 200 else 1)
 except Exception:
     sys.exit(1)
 PY
@@ -137,6 +149,60 @@ PY
 
 check_config() {
     "$1/bin/ollama-lb" check-config "$CONFIG"
+}
+
+# Fail unless CERT and KEY (and CA, if given) load as the appliance will load them, with the
+# release RELEASE's Python: a mismatched pair or an encrypted key is refused before install.
+check_tls_files() {
+    "$1/bin/python" - "$2" "$3" "${4:-}" <<'PY'
+import ssl, sys
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+try:
+    ctx.load_cert_chain(sys.argv[1], sys.argv[2], password=lambda: b"")
+    if sys.argv[3]:
+        ctx.load_verify_locations(cafile=sys.argv[3])
+except (OSError, ValueError) as exc:
+    sys.exit(f"ERROR: cannot use {sys.argv[1]} with {sys.argv[2]}: {exc} "
+             "(the key must match the certificate and be unencrypted)")
+PY
+}
+
+# Copy CERT, KEY and optionally CA into $TLS_DIR, root:ollama-lb 0640 (the service reads them
+# through its group). Each is written beside its final name, then renamed over it, the key
+# first: the running service reloads changed files within a second and never reads half a
+# file (a moment with the new key and the old certificate is refused and retried).
+install_tls() {
+    install -d -m 0750 -o root -g "$SERVICE_USER" "$TLS_DIR"
+    install -m 0640 -o root -g "$SERVICE_USER" "$2" "$TLS_KEY.new"
+    install -m 0640 -o root -g "$SERVICE_USER" "$1" "$TLS_CERT.new"
+    if [ -n "${3:-}" ]; then
+        install -m 0640 -o root -g "$SERVICE_USER" "$3" "$TLS_CLIENT_CA.new"
+        mv -f "$TLS_CLIENT_CA.new" "$TLS_CLIENT_CA"
+    fi
+    mv -f "$TLS_KEY.new" "$TLS_KEY"
+    mv -f "$TLS_CERT.new" "$TLS_CERT"
+}
+
+# Turn on the commented server.tls lines of FILE, a config written from the example; with
+# WITH_CA=1 the clientCaFile line too (mutual TLS).
+enable_tls_in_config() {
+    sed -i -e 's|^  #tls:|  tls:|' -e 's|^  #  certFile:|    certFile:|' \
+        -e 's|^  #  keyFile:|    keyFile:|' "$1"
+    if [ "${2:-0}" -eq 1 ]; then
+        sed -i 's|^  #  clientCaFile:|    clientCaFile:|' "$1"
+    fi
+}
+
+# Print server.tls.certFile of the config ("" when TLS is off), by RELEASE's loader.
+config_tls_cert() {
+    "$1/bin/python" - "$CONFIG" <<'PY'
+import sys
+from pipeline.config import ConfigError, load_config
+try:
+    print(load_config(sys.argv[1]).server.tls.certFile or "")
+except ConfigError:
+    print("")  # check_config reports the problems
+PY
 }
 
 # Copy SRC to DEST (mode 0644) unless DEST already has that content; 0 if it was written.

@@ -5,6 +5,7 @@ These run in `make test` where the tools exist (CI installs them); each skip say
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -31,9 +32,10 @@ def test_shellcheck_finds_nothing_in_any_script():
 
 def test_scripts_are_strict_and_executable():
     for script in SCRIPTS:
-        if script.name == "lib.sh":
-            continue
         text = script.read_text()
+        if script.name == "lib.sh" or not text.startswith("#!"):
+            continue  # sourced by the scripts, not run
+
         assert "set -euo pipefail" in text, script.name
         assert script.stat().st_mode & 0o111, f"{script.name} is not executable"
 
@@ -168,3 +170,61 @@ def test_sysctl_file_is_key_equals_value():
         if line.strip() and not line.startswith("#"):
             key, value = (part.strip() for part in line.split("=", 1))
             assert key.count(".") >= 1 and " " not in key and value
+
+
+def lib_sh(tmp_path: Path, snippet: str) -> subprocess.CompletedProcess[str]:
+    """``snippet`` run after sourcing lib.sh, with a "release" that is this repo's Python."""
+    release = tmp_path / "release"
+    (release / "bin").mkdir(parents=True, exist_ok=True)
+    python = release / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    return subprocess.run(["bash", "-c", f'set -euo pipefail; . "{DEPLOY}/lib.sh"; '
+                           f'RELEASE="{release}"; {snippet}'], capture_output=True, text=True,
+                          timeout=60, cwd=DEPLOY.parent)
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+def test_a_config_written_from_the_example_gets_https_turned_on(tmp_path, mutual):
+    config = tmp_path / "config.yaml"
+    shutil.copy(DEPLOY / "config.example.yaml", config)
+    assert load_config(config).server.tls.certFile is None  # off in the example as shipped
+    out = lib_sh(tmp_path, f'enable_tls_in_config "{config}" {int(mutual)}; '
+                           f'CONFIG="{config}"; config_tls_cert "$RELEASE"')
+    assert out.returncode == 0, out.stderr
+    tls = load_config(config).server.tls
+    assert (tls.certFile, tls.keyFile) == ("/etc/ollama-lb/tls/cert.pem",
+                                           "/etc/ollama-lb/tls/key.pem")
+    assert tls.clientCaFile == ("/etc/ollama-lb/tls/client-ca.pem" if mutual else None)
+    assert out.stdout.strip() == "/etc/ollama-lb/tls/cert.pem"
+    rest = [line for line in config.read_text().splitlines() if "tls" not in line.lower()
+            and "File:" not in line]
+    example = [line for line in (DEPLOY / "config.example.yaml").read_text().splitlines()
+               if "tls" not in line.lower() and "File:" not in line]
+    assert rest == example  # nothing else was touched
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+def test_tls_files_are_checked_before_they_are_installed(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import certs
+
+    ca = certs.make_ca(tmp_path / "pki")
+    cert, key = ca.issue("server")
+    _, other_key = ca.issue("other")
+    good = lib_sh(tmp_path, f'check_tls_files "$RELEASE" "{cert}" "{key}" "{ca.cert}"')
+    assert good.returncode == 0, good.stderr
+    bad = lib_sh(tmp_path, f'check_tls_files "$RELEASE" "{cert}" "{other_key}"')
+    assert bad.returncode != 0 and "must match the certificate" in bad.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="install.sh refuses to run without root")
+@pytest.mark.parametrize(("args", "message"), [
+    (["--tls-cert", "/x.pem"], "--tls-cert and --tls-key go together"),
+    (["--tls-client-ca", "/ca.pem"], "--tls-client-ca needs --tls-cert and --tls-key"),
+    (["--tls-only"], "--tls-only needs --tls-cert and --tls-key"),
+])
+def test_install_refuses_incomplete_tls_options_before_changing_anything(args, message):
+    out = subprocess.run(["bash", str(DEPLOY / "install.sh"), *args], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode != 0 and message in out.stderr

@@ -10,9 +10,11 @@ import json
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import gevent
@@ -82,7 +84,39 @@ def artifacts(tmp_path_factory):
                     "-d", str(tmp / "wheelhouse"),
                     str(wheels / "ollama_load_balancer-0.1.0-py3-none-any.whl")],
                    check=True, capture_output=True, timeout=300)
+    while missing := wanted_by_the_container(tmp / "wheelhouse"):
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                        "--only-binary=:all:", "-d", str(tmp / "wheelhouse"), *missing],
+                       check=True, capture_output=True, timeout=300)
     return tmp
+
+
+CONTAINER_PYTHON = {"python_full_version": "3.11.2", "python_version": "3.11", "extra": ""}
+
+
+def wanted_by_the_container(wheelhouse: Path) -> list[str]:
+    """Requirements Debian 12's Python (3.11.2) needs that the wheelhouse lacks.
+
+    pip evaluates environment markers with the Python it runs on (newer here), so a backport
+    such as ``async-timeout; python_full_version < "3.11.3"`` would be left out.
+    """
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    have = {canonicalize_name(w.name.split("-")[0]) for w in wheelhouse.glob("*.whl")}
+    missing: set[str] = set()
+    for wheel in wheelhouse.glob("*.whl"):
+        with zipfile.ZipFile(wheel) as z:
+            meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+            lines = z.read(meta).decode().splitlines()
+        for line in lines:
+            if not line.startswith("Requires-Dist:"):
+                continue
+            req = Requirement(line.split(":", 1)[1])
+            if (req.marker is not None and req.marker.evaluate(CONTAINER_PYTHON)
+                    and canonicalize_name(req.name) not in have):
+                missing.add(f"{req.name}{req.specifier}")
+    return sorted(missing)
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +148,29 @@ def install(vm, *extra, check=True):
                   f"{SRC}/wheelhouse", *extra, timeout=300, check=check)
 
 
-def config_for(nodes, port, count=1):
+def config_for(nodes, port, count=1, tls=False):
+    server = {"host": "127.0.0.1", "port": port, "drainSeconds": 5}
+    if tls:  # the paths install.sh --tls-cert/--tls-key installs to
+        server["tls"] = {"certFile": "/etc/ollama-lb/tls/cert.pem",
+                         "keyFile": "/etc/ollama-lb/tls/key.pem"}
     return yaml.safe_dump({
-        "server": {"host": "127.0.0.1", "port": port, "drainSeconds": 5},
+        "server": server,
         "nodes": [{"id": f"node-{i}", "url": n.url} for i, n in enumerate(nodes[:count])],
         "healthCheck": {"intervalMs": 500}})
+
+
+def certs_module():
+    """tests/certs.py (certificates made with openssl), from beside this directory."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import certs
+
+    return certs
+
+
+def presented(port: int, ctx: ssl.SSLContext) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        return tls.getpeercert(binary_form=True)
 
 
 def healthy(port, timeout=20):
@@ -300,11 +352,43 @@ def test_10_rollback_returns_to_the_previous_release(vm, port):
     assert reply.ok and json.loads(reply.content)["done"]
 
 
-def test_11_no_failed_units(vm):
+def test_11_tls_files_installed_for_the_service_and_renewed_without_a_restart(
+        vm, nodes, port, artifacts):
+    certs = certs_module()
+    if certs.WHY_NOT:
+        pytest.skip(certs.WHY_NOT)
+    ca = certs.make_ca(artifacts / "pki", "vm-ca")  # artifacts are /mnt/src in the container
+    for name in ("first", "renewed"):
+        ca.issue(name)
+    vm.write(CONFIG, config_for(nodes, port, tls=True))  # the operator turns HTTPS on
+    out = install(vm, "--tls-cert", f"{SRC}/pki/first.pem", "--tls-key", f"{SRC}/pki/first.key")
+    assert "installed /etc/ollama-lb/tls/cert.pem" in out.stdout
+    assert "HTTPS, files in /etc/ollama-lb/tls" in out.stdout
+    assert vm.run("stat", "-c", "%U:%G %a", "/etc/ollama-lb/tls", "/etc/ollama-lb/tls/key.pem",
+                  ).stdout.split() == ["root:ollama-lb", "750", "root:ollama-lb", "640"]
+    ctx = ssl.create_default_context(cafile=str(ca.cert))
+    reply = ollama.Client(host=f"https://127.0.0.1:{port}", verify=ctx).generate(
+        model="llama3.2", prompt="hello")  # the hardened service reads its key
+    assert reply.done
+    assert presented(port, ctx) == ssl.PEM_cert_to_DER_cert(
+        (artifacts / "pki" / "first.pem").read_text())
+
+    pid = vm.main_pid()
+    vm.run("bash", f"{DEPLOY}/install.sh", "--tls-only", "--tls-cert",
+           f"{SRC}/pki/renewed.pem", "--tls-key", f"{SRC}/pki/renewed.key", timeout=120)
+    renewed = ssl.PEM_cert_to_DER_cert((artifacts / "pki" / "renewed.pem").read_text())
+    deadline = time.monotonic() + 15
+    while presented(port, ctx) != renewed and time.monotonic() < deadline:
+        gevent.sleep(0.2)
+    assert presented(port, ctx) == renewed  # new handshakes: the renewed certificate
+    assert vm.main_pid() == pid  # and no restart for it
+
+
+def test_12_no_failed_units(vm):
     assert vm.run("systemctl", "--failed", "--no-legend").stdout.strip() == ""
 
 
-def test_12_uninstall_keeps_config_and_purge_removes_it(vm):
+def test_13_uninstall_keeps_config_and_purge_removes_it(vm):
     vm.run("bash", f"{DEPLOY}/uninstall.sh", timeout=120)
     assert not vm.exists("/etc/systemd/system/ollama-lb.service")
     assert not vm.exists("/etc/systemd/system/ollama-lb.socket")
