@@ -147,9 +147,12 @@ def new_key(name: str, scopes: str, models: str | None) -> int:
 
 
 def serve(path: str, host: str | None, port: int | None, watch: bool) -> int:
+    from app.master import maybe_run_master  # server.workers > 1: a pre-fork master
     from app.server import OllamaLoadBalancerApplication
     from pipeline.config import ConfigError
 
+    if (status := maybe_run_master(path, host, port, watch)) is not None:
+        return status
     try:
         app = OllamaLoadBalancerApplication(path, host=host, port=port, watch=watch,
                                             install_signals=True).start()

@@ -12,24 +12,43 @@ default or a restart flag can never say one thing in the schema and another in t
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, replace
 from functools import cache
 from types import NoneType, UnionType
 from typing import Any, get_args, get_origin, get_type_hints
-from urllib.parse import urlsplit
 
 import yaml
 from marshmallow import RAISE, Schema, ValidationError, post_load, pre_load, validate
 from marshmallow import fields as f
 
+from pipeline.config_keys import (
+    AT_LEAST_ONE,
+    METRIC_NAME,
+    NON_NEGATIVE,
+    NOT_EMPTY,
+    PORT,
+    POSITIVE,
+    _http_url,
+    _ip_network,
+    _power_of_two,
+    _strip_slash,
+    setting,
+)
+from pipeline.config_models import ModelConfig, PlacementConfig, _unique_models
+from pipeline.config_security import (  # noqa: F401 - re-exported for the app
+    SCOPES,
+    ApiKeyConfig,
+    ClientLimitsConfig,
+    SecurityConfig,
+    TlsConfig,
+)
+from pipeline.config_shared import SharedStateConfig
+
 STRATEGIES = ("round-robin", "weighted-round-robin", "least-in-flight", "random", "model-aware")
 WAIT_STRATEGIES = ("blocking", "sleeping", "yielding", "busy-spin")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-SCOPES = ("inference", "manage", "admin")  # what an API key may do (see app/auth.py)
 
 
 class ConfigError(ValueError):
@@ -39,80 +58,6 @@ class ConfigError(ValueError):
         self.problems = problems
         self.source = source
         super().__init__(f"{source}: " + "; ".join(problems))
-
-
-# --- validators --------------------------------------------------------------------------------
-
-POSITIVE = validate.Range(min=1)
-NON_NEGATIVE = validate.Range(min=0)
-AT_LEAST_ONE = validate.Range(min=1.0)  # for floats: the message says 1.0
-NOT_EMPTY = validate.Length(min=1)
-PORT = validate.Range(min=0, max=65535)
-METRIC_NAME = validate.Regexp(r"^[a-zA-Z_][a-zA-Z0-9_]*$", error="must be a metric name")
-
-
-def _power_of_two(value: int) -> None:
-    if value < 1 or value & (value - 1):
-        raise ValidationError(f"must be a power of two (1024, 2048, ...), got {value}")
-
-
-def _http_url(value: str) -> None:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValidationError(f"must be an http:// or https:// URL with a host, got {value!r}")
-    try:
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError as exc:
-        raise ValidationError(f"bad port in {value!r}") from exc
-
-
-def _ip_network(value: str) -> None:
-    try:
-        ipaddress.ip_network(value, strict=False)
-    except ValueError:
-        raise ValidationError(f"must be an IP address or network (10.0.0.0/8), got {value!r}"
-                              ) from None
-
-
-def _sha256_digest(value: str) -> None:
-    if not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
-        raise ValidationError("must be 'sha256:' and 64 hex digits, as `ollama-lb hash-key KEY` "
-                              "prints it")
-
-
-def _lower(value: Any) -> Any:
-    return value.strip().lower() if isinstance(value, str) else value
-
-
-def _unique_keys(keys: list[Any]) -> None:
-    """Two entries with one name would share usage and limits; one hash, two names: which?"""
-    for attr in ("name", "hash"):
-        seen = [getattr(k, attr) for k in keys]
-        dupes = sorted({v for v in seen if seen.count(v) > 1})
-        if dupes:
-            shown = ", ".join(dupes) if attr == "name" else f"{len(dupes)} hash(es)"
-            raise ValidationError(f"duplicate API key {attr}(s): {shown}")
-
-
-KEY_NAME = validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
-                           error="must be 1-64 letters, digits, '.', '_' or '-'")
-
-
-def _strip_slash(value: Any) -> Any:
-    """``http://h:1/`` and ``http://h:1`` are one node; anything else is left to the check."""
-    return value.rstrip("/") if isinstance(value, str) else value
-
-
-def setting(default: Any = MISSING, validator: Callable[[Any], Any] | None = None, *,
-            items: Callable[[Any], Any] | None = None, restart: bool = False,
-            clean: Callable[[Any], Any] | None = None) -> Any:
-    """A config key: its default, its validator, and whether only a restart applies it.
-
-    ``items`` validates each element of a list key; ``clean`` normalises the raw value before
-    it is checked. No default makes the key required.
-    """
-    meta = {"validate": validator, "items": items, "restart": restart, "clean": clean}
-    return field(default=default, metadata={k: v for k, v in meta.items() if v})
 
 
 # --- the config, one frozen dataclass per section ----------------------------------------------
@@ -130,6 +75,18 @@ class ServerConfig:
     maxBlobBytes: int = setting(1024 ** 4, POSITIVE)  # POST /api/blobs: streamed, never held
     # peers whose X-Forwarded-For / Forwarded headers are believed (addresses or networks)
     trustedProxies: tuple[str, ...] = setting((), items=_ip_network)
+    tls: TlsConfig = setting(TlsConfig())  # noqa: RUF009 - frozen. No files: plain HTTP
+    maxRequestLineBytes: int = setting(8192, POSITIVE)  # longer request lines get 431
+    maxHeaderBytes: int = setting(32_768, POSITIVE)  # all header lines together; more: 431
+    maxHeaderCount: int = setting(100, POSITIVE)  # header lines; more: 431
+    headerTimeoutMs: int = setting(10_000, POSITIVE)  # first byte (or accept) to end of head
+    bodyTimeoutMs: int = setting(60_000, POSITIVE)  # for a body, plus 1 s per minimum rate
+    bodyMinBytesPerSecond: int = setting(65_536, POSITIVE)  # slower bodies get 408
+    maxConnectionsPerClient: int = setting(256, NON_NEGATIVE)  # per client IP; 0: no cap
+    connectionLimitExempt: tuple[str, ...] = setting(("127.0.0.0/8", "::1"),
+                                                     items=_ip_network)
+    workers: int = setting(1, POSITIVE,  # processes; "auto": one per core (app/master.py)
+                           clean=lambda v: len(os.sched_getaffinity(0)) if v == "auto" else v)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,80 +166,6 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class ApiKeyConfig:
-    """One API key: only its SHA-256 digest is stored (keys are random: no slow hash needed)."""
-
-    name: str = setting(validator=KEY_NAME)  # in logs, metrics and /admin/usage
-    hash: str = setting(validator=_sha256_digest, clean=_lower)
-    scopes: tuple[str, ...] = setting(("inference",), validate.Length(min=1),
-                                      items=validate.OneOf(SCOPES))
-    models: tuple[str, ...] = setting((), items=NOT_EMPTY)  # globs; empty: every model
-    requestsPerMinute: int | None = setting(None, POSITIVE)
-    maxConcurrent: int | None = setting(None, POSITIVE)
-    tokensPerDay: int | None = setting(None, POSITIVE)  # prompt + completion, UTC day
-
-
-@dataclass(frozen=True, slots=True)
-class ClientLimitsConfig:
-    """Limits per client IP address, applied while no API keys are configured."""
-
-    requestsPerMinute: int | None = setting(None, POSITIVE)
-    maxConcurrent: int | None = setting(None, POSITIVE)
-    tokensPerDay: int | None = setting(None, POSITIVE)
-
-
-@dataclass(frozen=True, slots=True)
-class SecurityConfig:
-    apiKeys: tuple[ApiKeyConfig, ...] = setting((), _unique_keys)
-    openManagement: bool = setting(False)  # without keys: manage endpoints beyond loopback?
-    clientLimits: ClientLimitsConfig = setting(ClientLimitsConfig())  # noqa: RUF009 - frozen
-    usageFile: str | None = setting(None, restart=True)  # SQLite; relative: $STATE_DIRECTORY
-
-
-_GO_DURATION = re.compile(r"[-+]?((\d+(\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h))+|[-+]?0")
-
-
-def _duration(value: str) -> None:
-    if not _GO_DURATION.fullmatch(value):
-        raise ValidationError(f"must be a duration as Ollama's keep_alive takes it (30m, 1h30m, "
-                              f"-1s), got {value!r}")
-
-
-def _seconds(value: Any) -> Any:
-    """``keepAlive: 300`` means seconds, as a JSON number does in keep_alive."""
-    return f"{value}s" if isinstance(value, int | float) and not isinstance(value, bool) else value
-
-
-def _unique_models(models: list[Any]) -> None:
-    names = [m.name.lower() if ":" in m.name.rsplit("/", 1)[-1] else f"{m.name.lower()}:latest"
-             for m in models]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValidationError(f"model(s) named more than once: {', '.join(dupes)}")
-
-
-@dataclass(frozen=True, slots=True)
-class ModelConfig:
-    """``models[]``: where one model is kept (``replicas`` or ``nodes``; neither: every node)."""
-
-    name: str = setting(validator=NOT_EMPTY)  # as /api/tags names it; any spelling
-    replicas: int | None = setting(None, POSITIVE)  # on this many nodes, chosen by free room
-    nodes: tuple[str, ...] = setting((), items=NOT_EMPTY)  # on exactly these node ids
-    warm: bool = setting(False)  # keep it loaded on its nodes
-    keepAlive: str | None = setting(None, _duration, clean=_seconds)  # for requests without one
-
-    def __post_init__(self) -> None:
-        if self.replicas is not None and self.nodes:
-            raise ValidationError("replicas and nodes are alternatives: set one of them")
-
-
-@dataclass(frozen=True, slots=True)
-class PlacementConfig:
-    prune: bool = setting(False)  # delete models the config does not name (and extra copies)
-    intervalMs: int = setting(30_000, POSITIVE)  # the reconciler's period (it also wakes on change)
-
-
-@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: str = setting("INFO", validate.OneOf(LOG_LEVELS))
     logBodies: bool = setting(False)  # prompts and replies are never logged unless true
@@ -304,6 +187,7 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     models: tuple[ModelConfig, ...] = setting((), _unique_models)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
+    sharedState: SharedStateConfig = field(default_factory=SharedStateConfig)  # Redis caps
 
     def admin_token(self) -> str | None:
         """The admin bearer token: the config's, else the environment's."""

@@ -45,6 +45,13 @@ class PipelineFactory:
                                     self.metrics_registry)
         self.operations = PoolOperations(self.node_registry, self.pipeline,
                                          self.pipeline.offer_capacity)
+        self.shared = None  # sharedState.redisUrl: node caps counted across instances
+        if config.sharedState.redisUrl:
+            from pipeline.shared.attach import attach  # redis-py only when configured
+
+            self.shared = attach(lambda: self.config, self.node_registry,
+                                 self.pipeline.dispatcher, self.metrics_registry)
+            self.operations.shared_status = self.shared.status
         self.started = False
 
     @classmethod
@@ -55,6 +62,8 @@ class PipelineFactory:
 
     def start(self, health_checks: bool = True) -> PipelineFactory:
         """Start the stage greenlets and, unless told not to, the health checker."""
+        if self.shared is not None:
+            self.shared.start()
         self.pipeline.start()
         if health_checks:
             self.health_checker.start()
@@ -66,6 +75,8 @@ class PipelineFactory:
         self.placement.stop()
         self.health_checker.stop()
         self.pipeline.stop()
+        if self.shared is not None:
+            self.shared.stop()
         self.upstream.close()
         self.started = False
 

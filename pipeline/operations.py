@@ -55,6 +55,9 @@ class PoolOperations:
         self.registry = registry
         self.pipeline = pipeline
         self.wake = wake
+        self.draining = False  # set by the server on SIGTERM: requests drain, not ready
+        #: sharedState: mode, instances alive, leases held (set by the factory), else None
+        self.shared_status: Callable[[], dict[str, Any]] | None = None
 
     # --- health -------------------------------------------------------------------------------
 
@@ -73,12 +76,15 @@ class PoolOperations:
 
     def health(self) -> dict[str, Any]:
         """The pool as /health shows it: overall status, every node, the pipeline's gauges."""
-        return {
+        out = {
             "status": self.status(),
             "nodes": [n.snapshot() for n in self.registry.all_nodes()],
             "drainingNodes": [n.snapshot() for n in self.registry.removed_nodes()],
             "pipeline": self.pipeline.stats(),
         }
+        if self.shared_status is not None:
+            out["sharedState"] = self.shared_status()
+        return out
 
     def live(self) -> dict[str, Any]:
         """UP while every stage greenlet runs: the process is worth keeping."""
@@ -86,10 +92,12 @@ class PoolOperations:
         return {"status": UP if p.running and not p.crashed else DOWN, "crashed": p.crashed}
 
     def ready(self) -> dict[str, Any]:
-        """UP while the pipeline accepts and at least one node can take a request."""
+        """UP while the pipeline accepts, the appliance is not draining, and at least one node
+        can take a request."""
         serving = [n.id for n in self.registry.all_nodes() if n.admits()]
-        ok = self.pipeline.accepting and bool(serving)
-        return {"status": UP if ok else DOWN, "servingNodes": serving}
+        ok = self.pipeline.accepting and not self.draining and bool(serving)
+        return {"status": UP if ok else DOWN, "servingNodes": serving,
+                "draining": self.draining}
 
     # --- node actions -------------------------------------------------------------------------
 

@@ -1,12 +1,10 @@
 """Upstream HTTP to the Ollama nodes: ``requests``' transport, without its Session layer.
 
-Where the time goes, measured on this machine (one sequential small POST to a simulated node,
-client CPU per call): ``HTTPAdapter.send`` with a hand-filled ``PreparedRequest`` ~1,050 us;
-the same adapter's urllib3 connection pool (``adapter.poolmanager``) called directly ~510 us,
-and ~0.8 ms instead of ~2.3 ms of wall time. The difference is requests' response building
-(a ``Response`` object, cookie extraction through ``http.cookiejar``, header re-wrapping), none
-of which a proxy needs. So the appliance keeps requests' ``HTTPAdapter`` for what it is good at
-(the per-host pool manager and its configuration) and sends through that pool itself.
+Why not ``HTTPAdapter.send``: requests' response building (a ``Response`` object, cookie
+extraction through ``http.cookiejar``, header re-wrapping) costs about as much CPU as the
+transport itself, and a proxy needs none of it (the figures, with their dates, are in
+tests/bench/performance.md). So the appliance keeps requests' ``HTTPAdapter`` for what it is
+good at (the per-host pool manager and its configuration) and sends through that pool itself.
 
 ``Host`` comes from the node URL (an Ollama bound to loopback refuses other hosts), bodies are
 sent byte for byte with a Content-Length, no proxy or netrc settings are read from the

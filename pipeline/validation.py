@@ -174,9 +174,9 @@ def parse_body(endpoint: Endpoint, body: bytes,
 def read_facts(endpoint: Endpoint, payload: dict[str, Any]) -> dict[str, Any]:
     """model/name/stream, type-checked by the RequestFacts schema.
 
-    The schema is the authority. Running it costs ~60 us per request, most of it marshmallow's
-    generic machinery, so bodies whose three fields already have the exact types the schema
-    accepts (the common case) take a fast path that reaches the same result;
+    The schema is the authority, but running it is mostly marshmallow's generic machinery
+    (its cost is in tests/bench/performance.md), so bodies whose three fields already have the
+    exact types the schema accepts (the common case) take a fast path that reaches the same result;
     ``tests/test_validation.py`` checks that both agree.
     """
     model, name, stream = payload.get("model"), payload.get("name"), payload.get("stream")

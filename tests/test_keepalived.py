@@ -109,12 +109,18 @@ class Side:
                                     "11434", "--profile", "fast", "--models", "tiny", **out)
         self.procs["app"] = nsexec(side, sys.executable, "-m", "app", str(config),
                                    "--no-watch", **out)
-        run = tmp / f"run-{side}"
+        self.tmp, self.priority, self.out = tmp, priority, out
+
+    def start_keepalived(self) -> None:
+        """Started once both appliances are ready: with ``nopreempt``, whoever becomes master
+        first keeps the address, so a slow start must not decide the test."""
+        run = self.tmp / f"run-{self.side}"
         run.mkdir()
         self.procs["keepalived"] = nsexec(
-            side, KEEPALIVED or "keepalived", "--dont-fork", "--log-console", "--vrrp",
-            "--use-file", str(render(tmp, side, priority)), "--pid", str(run / "k.pid"),
-            "--vrrp_pid", str(run / "v.pid"), "--checkers_pid", str(run / "c.pid"), **out)
+            self.side, KEEPALIVED or "keepalived", "--dont-fork", "--log-console", "--vrrp",
+            "--use-file", str(render(self.tmp, self.side, self.priority)), "--pid",
+            str(run / "k.pid"), "--vrrp_pid", str(run / "v.pid"), "--checkers_pid",
+            str(run / "c.pid"), **self.out)
 
     def ready(self) -> bool:
         probe = subprocess.run(["ip", "netns", "exec", NETNS[self.side],
@@ -139,6 +145,8 @@ def test_the_floating_address_moves_when_the_masters_appliance_dies(network, tmp
     sides = {"a": Side(tmp_path, "a", 150), "b": Side(tmp_path, "b", 100)}
     try:
         assert wait_until(lambda: all(s.ready() for s in sides.values()), timeout=40, step=0.2)
+        for s in sides.values():
+            s.start_keepalived()
         # the higher priority with a passing check holds the VIP, the other does not
         assert wait_until(lambda: holds_vip("a"), timeout=15), (tmp_path / "a.log").read_text()
         assert not holds_vip("b")

@@ -65,7 +65,10 @@ class BlobsAPI:
             return empty(sr, 200 if digest in self.sim.blobs else 404)
         if digest in self.sim.blobs:
             return empty(sr, 200)
-        got, size, head = hash_body(call.environ)
+        try:
+            got, size, head = hash_body(call.environ)
+        except OSError:  # the uploader left mid-body: Ollama's io.Copy fails the same way
+            return json_reply(sr, 500, {"error": "unexpected EOF"})
         if got != digest:
             return json_reply(sr, 400, {
                 "error": f'digest mismatch, expected "{given}", got "{got}"'})
