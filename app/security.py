@@ -157,6 +157,13 @@ class Security:
         doc["persisted"] = self.store.path if self.store is not None else None
         return doc
 
+    @classmethod
+    def close_for(cls, factory: PipelineFactory) -> None:
+        """Flush the usage of a factory's security, if it has one (shutdown)."""
+        sec = _BY_FACTORY.get(factory)
+        if sec is not None:
+            sec.close()
+
     def close(self) -> None:
         """Write pending usage (the process is stopping)."""
         if self.store is not None:

@@ -28,6 +28,7 @@ from gevent.event import Event
 from app import logs, notify
 from app.netutil import adopt_listener, listen_fds, make_listener
 from app.reload import ConfigWatcher, ReloadState
+from app.security import Security
 from app.tls import TlsTerminator
 from app.transport import ApplianceServer, ClientHandler
 from app.web import create_app
@@ -208,6 +209,7 @@ class OllamaLoadBalancerApplication:
         if self.tls is not None:
             self.tls.stop()
         self.factory.stop()  # answers requests still queued for capacity
+        Security.close_for(self.factory)  # usage written behind is flushed, not lost
         self.server.wait_quiet(time.monotonic() + CUT_GRACE_S, lambda: 0)
         self.server.kill_connections()
 

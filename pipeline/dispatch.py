@@ -83,6 +83,9 @@ class Dispatcher:
         #: sharedState (pipeline/shared): may the node take this lease's request across
         #: instances? Runs here, off the ring, because it may ask Redis. None: no gate.
         self.admit: Callable[[Lease], bool] | None = None
+        #: placement (pipeline/reconciler.py): the body as sent, with a model's configured
+        #: keep_alive added when the client gave none. None: bodies go byte for byte.
+        self.prepare_body: Callable[[str, bytes, str], bytes] | None = None
 
     def start(self, ticket: Ticket, lease: Lease) -> None:
         """Spawn the call; returns at once. The lease is the call's to give back.
@@ -268,9 +271,11 @@ class Dispatcher:
         timeout = (gevent.Timeout(first_byte, FirstByteTimeout()) if first_byte < remaining
                    else gevent.Timeout(remaining, PipelineError(ErrorCode.TIMEOUT,
                                                                 "request timed out")))
+        body = req.body if self.prepare_body is None else self.prepare_body(
+            req.path, req.body, ticket.model or "")
         with timeout:
             resp = self.upstream.send(
-                node.url, req.method, req.path, req.body, headers,
+                node.url, req.method, req.path, body, headers,
                 connect_timeout=t.connectTimeoutMs / 1000.0,
                 read_timeout=None,  # the one timer above bounds the wait, not one per read
                 pool_size=node.max_concurrent)

@@ -43,6 +43,7 @@ class PipelineFactory:
                                      self.pipeline.streams, lambda: self.pipeline.accepting)
         self.placement = Reconciler(self.node_registry, self.fan_out, lambda: self.config,
                                     self.metrics_registry)
+        self.pipeline.dispatcher.prepare_body = self.placement.with_keep_alive
         self.operations = PoolOperations(self.node_registry, self.pipeline,
                                          self.pipeline.offer_capacity)
         self.shared = None  # sharedState.redisUrl: node caps counted across instances

@@ -231,7 +231,9 @@ class Reconciler:
     def with_keep_alive(self, path: str, body: bytes, model: str) -> bytes:
         """The body a model-routed request should be sent with: ``keep_alive`` added when the
         client gave none and the model has a ``keepAlive`` (native generate, chat, embed)."""
-        value = self.keep_alive_for(model) if path in KEEP_ALIVE_PATHS else None
+        if not self.settings().models or path not in KEEP_ALIVE_PATHS:
+            return body  # the common case costs two lookups
+        value = self.keep_alive_for(model)
         return inject_keep_alive(body, value) if value else body
 
     def pull_targets(self, model: str) -> list[Node] | None:

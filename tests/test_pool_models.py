@@ -467,6 +467,13 @@ def test_keep_alive_is_given_to_requests_that_carry_none(fake_node, appliance):
     assert placement.with_keep_alive("/api/generate", own, "m2") == own
     assert placement.with_keep_alive("/v1/chat/completions", body, "m2") == body
     assert placement.with_keep_alive("/api/chat", body, "m") == body
+    # through the appliance: the node receives the model's keep_alive, the client's wins
+    requests.post(f"{lb.url}/api/generate", json={"model": "m2", "prompt": "x",
+                                                  "stream": False}, timeout=10)
+    assert json.loads(a.stats.last_body)["keep_alive"] == "30m"
+    requests.post(f"{lb.url}/api/generate", json={"model": "m2", "prompt": "x", "stream": False,
+                                                  "keep_alive": "5m"}, timeout=10)
+    assert json.loads(a.stats.last_body)["keep_alive"] == "5m"
 
 
 def test_an_inactive_reconciler_plans_and_reports_but_does_not_act(fake_node, appliance):
