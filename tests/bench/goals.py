@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import apikeys
 import overhead
 import streams
 
@@ -85,10 +86,26 @@ def ring(res: dict[str, Any] | None) -> list[Row]:
     ]
 
 
+def api_keys(res: dict[str, Any] | None) -> list[Row]:
+    goal = (f"API keys add < {apikeys.GOAL_PCT:.0f} % CPU per request ({apikeys.CONNS} "
+            "clients, worse of a key and a key with a models allow-list)")
+    if res is None:
+        return [(goal, "not measured", "scenario 6 did not run")]
+    g = apikeys.goal_figures(res)
+    if g["errors"]:  # a fast refusal must never pass for a cheap request
+        return [(goal, "not measured", f"{g['errors']} non-2xx or socket errors in the runs")]
+    cpu = g["cpu_us"]
+    return [_row(goal, g["added_pct"], lambda v: v < apikeys.GOAL_PCT,
+                 f"{g['key_pct']:+.1f} % with a key, {g['models_pct']:+.1f} % with a models "
+                 f"allow-list ({cpu['key']:,.0f} / {cpu['key + models']:,.0f} us vs "
+                 f"{cpu['no keys']:,.0f} us)", "-")]
+
+
 def render(report: dict[str, Any]) -> str:
     rows = (non_streaming(report.get("overhead")) + streaming(report.get("streams"))
-            + ring(report.get("ring")))
-    lines = ["### Against the goals (issue 14; ratios from this one run)", "",
+            + ring(report.get("ring")) + api_keys(report.get("apikeys")))
+    lines = ["### Against the goals (issue 14, and the API keys' CPU goal; ratios from this "
+             "one run)", "",
              "| goal | verdict | figure |", "|---|---|---|"]
     lines += [f"| {goal} | {verdict} | {figure} |" for goal, verdict, figure in rows]
     return "\n".join(lines)

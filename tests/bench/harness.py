@@ -8,13 +8,17 @@ Scenarios (each beside its baselines, in the same run, on the same machine):
   3. saturation and shedding: 3x the pool's capacity, open loop (``loadtests.py``)
   4. routing quality: 4 realistic simulated nodes, 3 models, Poisson arrivals, all strategies
   5. the ring microbenchmarks (from pytest-benchmark's JSON)
+  6. the cost of API keys: the appliance with and without ``security.apiKeys`` (``apikeys.py``)
+  7. several workers and shared caps: ``server.workers`` 1 and 2 with a real redis-server, and
+     Redis mode against local mode (``workers.py``)
 and first the goals of issue 14 (``goals.py``), met or not, each with its figure.
 
 Writes bench-results/report.md and report.json and prints the report. Everything runs on
 loopback, is started and stopped here, and is bounded in time. What the machine lacks (wrk,
-nginx: Debian packages; smg: installed by the harness into bench-results/.smg-venv) is said at
-the start and in the report, and only what needs it is left out. Usage:
-  python tests/bench/harness.py [--quick] [--scenarios 1,2,3,4,5] [--repeats N]
+nginx, redis-server: Debian packages; smg: installed by the harness into
+bench-results/.smg-venv) is said at the start and in the report, and only what needs it is left
+out. Usage:
+  python tests/bench/harness.py [--quick] [--scenarios 1,2,3,4,5,6,7] [--repeats N]
 """
 
 from gevent import monkey
@@ -39,14 +43,17 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import apikeys
 import goals
 import loadtests
 import overhead
 import procs
 import smgpeer
 import streams
+import workers
 
 RESULTS = Path("bench-results")
+WRK_SCENARIOS = {1, 6, 7}  # driven by wrk: skipped without it
 SMG_VENV = RESULTS / ".smg-venv"
 
 
@@ -81,9 +88,13 @@ def machine() -> dict[str, Any]:
 def missing_tools(wanted: set[int]) -> list[str]:
     """What this machine lacks for the scenarios asked for, and what is left out for it."""
     notes = []
-    if wanted & {1} and not shutil.which("wrk"):
-        notes.append("wrk is missing (Debian package `wrk`: `apt-get install wrk`): scenario 1 "
-                     "is skipped.")
+    if wanted & WRK_SCENARIOS and not shutil.which("wrk"):
+        skipped = ", ".join(str(n) for n in sorted(wanted & WRK_SCENARIOS))
+        notes.append(f"wrk is missing (Debian package `wrk`: `apt-get install wrk`): scenarios "
+                     f"{skipped} are skipped.")
+    if 7 in wanted and procs.redis_binary() is None:
+        notes.append("redis-server is missing (Debian package `redis-server`): scenario 7 "
+                     "(several workers, shared caps) is skipped.")
     if wanted & {1, 2} and procs.nginx_binary() is None:
         notes.append("nginx is missing (Debian package `nginx-light` or `nginx`): the nginx "
                      "column is left out.")
@@ -138,7 +149,10 @@ def steps(work: Path, args: argparse.Namespace, notes: list[str]) -> list[Step]:
              loadtests.report_saturation),
             (4, "routing", lambda: loadtests.scenario_routing(work, args.quick),
              loadtests.report_routing),
-            (5, "ring", lambda: scenario_ring(Path(args.ring_json)), report_ring)]
+            (5, "ring", lambda: scenario_ring(Path(args.ring_json)), report_ring),
+            (6, "apikeys", lambda: apikeys.run(work, args.quick, args.repeats),
+             apikeys.report),
+            (7, "workers", lambda: workers.run(work, args.quick, args.repeats), workers.report)]
 
 
 def header(m: dict[str, Any], quick: bool) -> str:
@@ -154,8 +168,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="shorter runs: /v1/chat/completions only at 1 and 10 connections, "
-                         "1 and 100 streams, shorter saturation and routing runs")
-    ap.add_argument("--scenarios", default="1,2,3,4,5")
+                         "1 and 100 streams, shorter saturation and routing runs, 2 rounds "
+                         "of 2 s for API keys and workers")
+    ap.add_argument("--scenarios", default="1,2,3,4,5,6,7")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ring-json", default=str(RESULTS / "ring.json"))
     ap.add_argument("--from-json", help="render report.md again from a report.json; run nothing")
@@ -174,7 +189,7 @@ def main() -> int:
     failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="ollama-lb-bench-") as tmp:
         for number, key, run, render in steps(Path(tmp), args, notes):
-            if number not in wanted or (number == 1 and not shutil.which("wrk")):
+            if number not in wanted or (number in WRK_SCENARIOS and not shutil.which("wrk")):
                 continue
             print(f"running scenario {number} ({key})...", file=sys.stderr, flush=True)
             try:
@@ -196,14 +211,14 @@ def main() -> int:
 
 
 RENDER = {"overhead": overhead.report, "streams": streams.report,
-          "saturation": loadtests.report_saturation, "routing": loadtests.report_routing}
+          "saturation": loadtests.report_saturation, "routing": loadtests.report_routing,
+          "ring": report_ring, "apikeys": apikeys.report, "workers": workers.report}
 
 
 def write_report(report: dict[str, Any], sections: list[str]) -> int:
     """report.md from the figures (``sections`` already rendered, or rendered here)."""
     if not sections:
-        sections = [render(report[key]) for key, render in RENDER.items() if key in report]
-        sections += [report_ring(report["ring"])] if report.get("ring") else []
+        sections = [render(report[key]) for key, render in RENDER.items() if report.get(key)]
     parts = [header(report["machine"], report.get("quick", False))]
     if report.get("notes"):
         parts.append("\n".join(f"- {n}" for n in report["notes"]))

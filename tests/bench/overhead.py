@@ -31,10 +31,10 @@ GOAL_ENDPOINT, GOAL_CONNS = "chat", 10
 
 
 def measure(proc: procs.Proc, path: str, conns: int, seconds: float, body: str,
-            work: Path) -> dict[str, float]:
+            work: Path, headers: dict[str, str] | None = None) -> dict[str, float]:
     """One wrk run, with the CPU the target's process tree spent on it per request."""
     cpu0 = proc.cpu_seconds()
-    r = wrk(proc.url + path, conns, seconds, body, work)
+    r = wrk(proc.url + path, conns, seconds, body, work, headers)
     r["cpu_us"] = (proc.cpu_seconds() - cpu0) / max(1, r["requests"]) * 1e6
     return r
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -148,6 +149,74 @@ def appliance(nodes: list[Proc], workdir: Path, caps: int = 64, **sections: Any)
     path.write_text(yaml.safe_dump(cfg))
     return Proc([PY, "-m", "app", str(path), "--no-watch"], f"http://127.0.0.1:{port}",
                 log=workdir / f"lb-{port}.log", ready="/health/live")
+
+
+def wait_log(proc: Proc, text: str, timeout: float = 30) -> None:
+    """Until ``text`` appears in ``proc``'s log (a server that logs its readiness, e.g. every
+    worker of ``server.workers`` ready); fails at once if the process exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.p.poll() is not None:
+            raise RuntimeError(f"exited with status {proc.p.returncode}{proc._log_tail()}")
+        if proc.log_path and text in proc.log_path.read_text(errors="replace"):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{text!r} not logged within {timeout:.0f} s{proc._log_tail()}")
+
+
+class Redis:
+    """``redis-server`` on a Unix socket in ``workdir`` (as deploy/install.sh runs it for
+    ``server.workers``), no persistence; its CPU and its command count, read per run."""
+
+    def __init__(self, binary: str, workdir: Path, timeout: float = 10) -> None:
+        self.sock = workdir / f"redis-{free_port()}.sock"
+        self.url = f"unix://{self.sock}"
+        self.p = subprocess.Popen([binary, "--port", "0", "--unixsocket", str(self.sock),
+                                   "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
+                                   "--dir", str(workdir)], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.command("PING").startswith(b"+PONG"):
+                    return
+            except OSError:
+                pass
+            if self.p.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server did not answer on {self.sock}")
+            time.sleep(0.05)
+
+    def command(self, line: str) -> bytes:
+        """One inline command, its whole reply (a bulk reply read to its announced length)."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(2)
+            s.connect(str(self.sock))
+            s.sendall(line.encode() + b"\r\n")
+            data = s.recv(65536)
+            if data.startswith(b"$"):
+                head, _, rest = data.partition(b"\r\n")
+                while len(rest) < int(head[1:]) and (chunk := s.recv(65536)):
+                    rest += chunk
+                return rest
+            return data
+
+    def command_calls(self) -> dict[str, int]:
+        """Calls so far per command (``INFO commandstats``; a script's own calls included)."""
+        text = self.command("INFO commandstats").decode()
+        return {m[0]: int(m[1]) for m in re.findall(r"^cmdstat_(\S+?):calls=(\d+)", text, re.M)}
+
+    def cpu_seconds(self) -> float:
+        return sum(cpu_seconds_of(pid) for pid in tree_pids(self.p.pid))
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait(10)
+
+
+def redis_binary() -> str | None:
+    return shutil.which("redis-server")  # Debian package redis-server
 
 
 def hello_world() -> Proc:

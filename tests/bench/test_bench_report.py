@@ -1,4 +1,5 @@
-"""The bench report's own logic: goal verdicts, wrk parsing, stream endings, process-tree CPU.
+"""The bench report's own logic: goal verdicts, wrk parsing, stream endings, process-tree CPU,
+the API-key and Redis helpers of scenarios 6 and 7.
 
 These run in ``make test`` (they time nothing); ``make bench`` runs only the benchmarks.
 """
@@ -12,9 +13,11 @@ import subprocess
 import sys
 import time
 
+import apikeys
 import goals
 import procs
 import pytest
+import workers
 import wrkrun
 from streamclient import finished
 
@@ -108,3 +111,91 @@ def test_process_tree_cpu_counts_a_busy_child():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         parent.wait(timeout=10)
+
+
+def apikeys_result(keyless: list[float], key: list[float], models: list[float],
+                   non2xx: int = 0) -> dict:
+    def target(cpu: list[float]) -> dict:
+        n = len(cpu)
+        return {"rps": [700.0] * n, "p50_ms": [12.0] * n, "p99_ms": [30.0] * n, "cpu_us": cpu,
+                "non2xx": [non2xx] * n, "socket_errors": [0] * n}
+
+    return {"runs": {"no keys": target(keyless), "key": target(key),
+                     "key + models": target(models)}, "rounds": len(keyless), "seconds": 4,
+            "conns": 10, "gate": {"no key": 401, "key": 200}}
+
+
+def test_api_key_goal_is_the_worse_key_paired_by_round():
+    # round 1 ran slow for everyone: pairing by round sees +4 % and +4.5 %, not +24 %
+    met = goals.api_keys(apikeys_result([1000, 1200, 1000], [1040, 1248, 1040],
+                                        [1045, 1254, 1045]))
+    assert met[0][1] == "**met**"
+    assert "+4.0 % with a key, +4.5 % with a models allow-list" in met[0][2]
+    worse = goals.api_keys(apikeys_result([1000, 1000, 1000], [1010, 1010, 1010],
+                                          [1050, 1060, 1070]))
+    assert worse[0][1] == "not met"  # the allow-list key's +6 % decides
+    assert "+6.0 % with a models allow-list" in worse[0][2]
+
+
+def test_api_key_goal_is_not_measured_on_refusals_or_without_the_scenario():
+    refused = goals.api_keys(apikeys_result([1000], [900], [900], non2xx=5))
+    assert refused[0][1:] == ("not measured", "15 non-2xx or socket errors in the runs")
+    assert goals.api_keys(None)[0][1:] == ("not measured", "scenario 6 did not run")
+    assert "API keys add < 5 %" in goals.render({})
+
+
+def test_bench_key_hash_is_the_one_the_cli_prints():
+    key, entry = apikeys.make_key("bench-plain")
+    out = subprocess.run([sys.executable, "-m", "app", "hash-key", key], capture_output=True,
+                         text=True, timeout=60, check=True)
+    assert entry["hash"] == out.stdout.strip()
+    assert entry["scopes"] == ["inference"] and entry["requestsPerMinute"] == apikeys.RPM
+
+
+def test_wrk_gets_each_header_as_a_flag(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run(args, **kwargs):
+        seen["args"] = args
+        return subprocess.CompletedProcess(args, 0, stdout=WRK_OUTPUT, stderr="")
+
+    monkeypatch.setattr(wrkrun.subprocess, "run", fake_run)
+    wrkrun.wrk("http://127.0.0.1:1/v1/chat/completions", 10, 1, "{}", tmp_path,
+               {"Authorization": "Bearer olb_x"})
+    i = seen["args"].index("-H")
+    assert seen["args"][i + 1] == "Authorization: Bearer olb_x"
+
+
+@pytest.mark.skipif(procs.redis_binary() is None, reason="redis-server is not installed")
+def test_bench_redis_answers_on_its_socket_and_counts_commands(tmp_path):
+    redis = procs.Redis(procs.redis_binary(), tmp_path)
+    try:
+        before = redis.command_calls().get("ping", 0)
+        assert redis.command("PING").startswith(b"+PONG")
+        assert redis.command_calls()["ping"] == before + 1
+        assert redis.cpu_seconds() >= 0
+    finally:
+        redis.stop()
+    assert redis.p.poll() is not None
+
+
+def workers_result() -> dict:
+    def target(p50: float, p99: float) -> dict:
+        return {"rps": [800.0], "p50_ms": [p50], "p99_ms": [p99], "cpu_us": [1100.0],
+                "busiest_share": [0.55], "redis_cpu_us": [70.0], "redis_scripts": [1.0],
+                "redis_cmds": [8.4], "non2xx": [0], "socket_errors": [0]}
+
+    cells = [{"conns": c, "runs": {workers.LOCAL: target(2.0 * c, 4.0 * c),
+                                   workers.SHARED1: target(2.5 * c, 6.0 * c),
+                                   workers.SHARED2: target(2.4 * c, 7.0 * c)}} for c in (1, 10)]
+    return {"cells": cells, "rounds": 1, "seconds": 4, "processes": {
+        workers.LOCAL: 1, workers.SHARED1: 1, workers.SHARED2: 3},
+        "modes": {workers.SHARED1: "shared", workers.SHARED2: "shared"}}
+
+
+def test_workers_report_shows_what_redis_mode_adds():
+    text = workers.report(workers_result())
+    assert "| 1 | 2.00 / 4.00 | 2.50 / 6.00 | +0.50 / +2.00 | 2.40 / 7.00 |" in text
+    assert "| 10 | 20.00 / 40.00 | 25.00 / 60.00 | +5.00 / +20.00 | 24.00 / 70.00 |" in text
+    assert "| 10 | redis, 2 workers | 3 | 800 (800-800) | 1.00x |" in text
+    assert "errors over all runs: 0." in text

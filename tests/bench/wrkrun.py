@@ -15,13 +15,16 @@ import subprocess
 from pathlib import Path
 
 
-def wrk(url: str, conns: int, seconds: float, body: str, workdir: Path) -> dict[str, float]:
-    """One wrk run POSTing ``body`` as JSON: req/s, p50/p99 (ms), requests, errors."""
+def wrk(url: str, conns: int, seconds: float, body: str, workdir: Path,
+        headers: dict[str, str] | None = None) -> dict[str, float]:
+    """One wrk run POSTing ``body`` as JSON: req/s, p50/p99 (ms), requests, errors.
+    ``headers`` go on every request (``-H``), e.g. an API key's ``Authorization``."""
     script = workdir / f"post-{abs(hash(body))}.lua"
     script.write_text('wrk.method = "POST"\n'
                       'wrk.headers["Content-Type"] = "application/json"\n'
                       f"wrk.body = {json.dumps(body)}\n")
-    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-s",
+    extra = [arg for name, value in (headers or {}).items() for arg in ("-H", f"{name}: {value}")]
+    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", *extra, "-s",
                           str(script), url], capture_output=True, text=True, timeout=seconds + 30)
     return parse(out.stdout)
 
