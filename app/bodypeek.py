@@ -22,6 +22,7 @@ MANAGE_NAMES = {"manage.pull": ("model", "name"), "manage.delete": ("model", "na
                 "manage.create": ("model", "name", "from"),
                 "manage.copy": ("source", "destination")}
 NOT_A_NAME = "(not a string)"
+FACTS_KEY = "ollama_lb.facts"  # environ: the body's Facts, when the gate had to parse it
 
 
 def buffer_body(environ: dict[str, Any], limit: int) -> bytes | None:
@@ -51,10 +52,11 @@ def models_named(endpoint: str, rule: str, view_args: dict[str, Any] | None,
         return []
     if ep is not None:
         try:
-            raw = inspect_off_hub(ep, body).model_raw
+            facts = inspect_off_hub(ep, body)
         except BadRequest:
             return []
-        return [raw] if raw else []
+        environ[FACTS_KEY] = facts  # parsed once: the view hands them to the pipeline
+        return [facts.model_raw] if facts.model_raw else []
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):

@@ -13,6 +13,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 
+from app.bodypeek import FACTS_KEY
 from app.clientwatch import watching
 from app.errors import error_response, json_response, openai_error, plain
 from pipeline.endpoints import endpoint_for
@@ -103,7 +104,7 @@ def model_routed() -> Response:
     path = env["PATH_INFO"]
     try:
         body = _read_body(env, f.config.server.maxBodyBytes)
-        facts = _large_body_facts(path, body)
+        facts = env.get(FACTS_KEY) or _large_body_facts(path, body)
     except PipelineError as err:
         return error_response(err, path)
     return _submit(path, body, facts=facts, f=f)
