@@ -37,6 +37,7 @@ from pipeline.factory import PipelineFactory
 from pipeline.request import Ticket
 
 log = logging.getLogger("ollama_lb.server")
+WORKER_SLOT = "OLLAMA_LB_WORKER"  # set by app/master.py for each worker: its slot, from 0
 access = logging.getLogger("ollama_lb.access")
 
 CUT_REASON = "server shutting down: stream cut after the drain bound"
@@ -96,6 +97,8 @@ class OllamaLoadBalancerApplication:
         tls = TlsTerminator(lambda: (self.factory.config if self.factory else config).server.tls
                             ) if config.server.tls.certFile else None  # bad files: ConfigError
         self.factory = PipelineFactory(config).start(health_checks=self.health_checks)
+        if os.environ.get(WORKER_SLOT, "0") != "0":  # one worker places models for the pool
+            self.factory.placement.active = False
         self.factory.pipeline.finish_hooks.append(self._access_log)
         self.reload_state = ReloadState(self.config_path, self.factory)
         self.reload_state.notify = notify.send

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import select
 import socket
 import time
@@ -247,6 +248,10 @@ class ApplianceServer(WSGIServer):
                          environ={"wsgi.url_scheme": "https"} if tls else None)
         self.settings = settings
         self.tls = tls
+        if os.environ.get("OLLAMA_LB_WORKER"):
+            # workers share one listening socket: accepting one connection per wake-up (not
+            # gevent's 100) lets every worker take its part of a burst of kept-alive clients
+            self.max_accept = 1
         self.limiter = ConnectionLimiter(settings)
         self.connections: set[ClientHandler] = set()
         self.draining = False
