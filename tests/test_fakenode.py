@@ -24,6 +24,7 @@ import requests
 from gevent import socket as gsocket
 
 from app.fakenode import names
+from tests.sse import sse_events
 
 FAKENODE = Path(__file__).resolve().parent.parent / "app" / "fakenode"
 
@@ -245,20 +246,6 @@ MESSAGES = {"model": "m", "max_tokens": 1024, "system": "be brief",
             "messages": [{"role": "user", "content": [{"type": "text", "text": "why blue?"}]}]}
 
 
-def _sse(response) -> list[tuple[str, dict]]:
-    """(event name, data) for each SSE event of a streamed reply."""
-    events, name, data = [], None, []
-    for line in response.iter_lines(decode_unicode=True):
-        if line.startswith("event: "):
-            name = line[len("event: "):]
-        elif line.startswith("data: "):
-            data.append(line[len("data: "):])
-        elif not line and (name or data):
-            events.append((name, json.loads("\n".join(data))))
-            name, data = None, []
-    return events
-
-
 def test_messages_api_answers_an_anthropic_message(fake_node):
     node = fake_node(["m"])
     r = requests.post(f"{node.url}/v1/messages", json=MESSAGES, timeout=10)
@@ -279,7 +266,7 @@ def test_messages_api_streams_anthropics_event_sequence(fake_node):
     with requests.post(f"{node.url}/v1/messages", json={**MESSAGES, "stream": True},
                        stream=True, timeout=10) as r:
         assert r.headers["Content-Type"] == "text/event-stream"
-        events = _sse(r)
+        events = sse_events(r)
     names = [name for name, _ in events]
     assert names == (["message_start", "content_block_start"] + ["content_block_delta"] * 8
                      + ["content_block_stop", "message_delta", "message_stop"])

@@ -19,6 +19,7 @@ import requests
 from app.errors import anthropic_error, error_body
 from pipeline.node import Health
 from tests.conftest import assert_no_leaks
+from tests.sse import sse_events
 from tests.waiting import wait_until
 
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "why blue?"}]
@@ -47,21 +48,6 @@ def shape(value: Any) -> Any:
     if isinstance(value, list):
         return [shape(v) for v in value]
     return type(value).__name__
-
-
-def sse(response: requests.Response) -> list[tuple[str | None, dict[str, Any]]]:
-    """(event name, data) for each SSE event of a streamed reply."""
-    events, name, data = [], None, []
-    for line in response.iter_lines(decode_unicode=True):
-        if line.startswith("event: "):
-            name = line[len("event: "):]
-        elif line.startswith("data: "):
-            data.append(line[len("data: "):])
-        elif not line and (name or data):
-            events.append((name, json.loads("\n".join(data))))
-            name, data = None, []
-    assert name is None and not data, "the stream ended inside an event"
-    return events
 
 
 def post(server, path: str, body: Any, **kw: Any) -> requests.Response:
@@ -99,7 +85,7 @@ def test_streamed_responses_arrive_as_the_nodes_numbered_events(pool):
     assert text == "".join(e.delta for e in b if e.type == "response.output_text.delta")
     with post(lb, "/v1/responses", {**RESPONSE, "stream": True}, stream=True) as r:
         assert r.headers["Content-Type"] == "text/event-stream"
-        events = sse(r)
+        events = sse_events(r)
     assert all(name == data["type"] for name, data in events)  # named events, as Ollama's
 
 
@@ -120,9 +106,9 @@ def test_streamed_messages_arrive_as_the_nodes_sse_events(pool):
     body = {**MESSAGE, "stream": True}
     with post(lb, "/v1/messages", body, stream=True) as r:
         assert r.status_code == 200 and r.headers["Content-Type"] == "text/event-stream"
-        via = sse(r)
+        via = sse_events(r)
     with post(node, "/v1/messages", body, stream=True) as r:
-        direct = sse(r)
+        direct = sse_events(r)
     names = [name for name, _ in via]
     assert names == [name for name, _ in direct]
     assert names[:3] == MESSAGE_EVENTS and names[-2:] == ["message_delta", "message_stop"]
@@ -242,7 +228,7 @@ def test_messages_stream_reset_mid_way_ends_with_one_anthropic_error_event(fake_
     lb = appliance([node])
     with post(lb, "/v1/messages", {**MESSAGE, "stream": True}, stream=True) as r:
         assert r.status_code == 200 and r.headers["Content-Type"] == "text/event-stream"
-        events = sse(r)
+        events = sse_events(r)
     names = [name for name, _ in events]
     assert names == [*MESSAGE_EVENTS, "content_block_delta", "error"]  # two tokens, the cut
     data = events[-1][1]
@@ -265,7 +251,7 @@ def test_responses_stream_reset_mid_way_ends_with_one_error_event(fake_node, app
     assert seen[0] == "response.created" and "response.completed" not in seen
     assert seen.count("response.output_text.delta") == 2
     with post(lb, "/v1/responses", {**RESPONSE, "stream": True}, stream=True) as r:
-        events = sse(r)
+        events = sse_events(r)
     assert [name for name, _ in events].count("error") == 1 and events[-1][0] == "error"
     data = events[-1][1]
     assert (data["type"], data["code"], data["param"]) == ("error", "api_error", None)
