@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +24,15 @@ import requests
 import yaml
 from gevent import socket as gsocket
 
-from tests.test_shared_caps import REDIS, RedisProc
+from tests.redisserver import RedisProc
 from tests.waiting import wait_until
 
 SHARED = {"leaseTtlMs": 2000, "heartbeatMs": 250, "timeoutMs": 200, "localGraceMs": 1000}
 
 
 @pytest.fixture
-def redis_url() -> Iterator[str]:
-    if REDIS is None:
-        pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run "
-                    "installs it)")
-    proc = RedisProc().start()
-    yield proc.url
-    proc.stop()
+def redis_url(redis_proc: RedisProc) -> str:
+    return redis_proc.url
 
 
 class Notified:
