@@ -20,7 +20,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 from flask import Flask, Request, Response, current_app, request
 
@@ -90,9 +90,10 @@ def _denied(env: dict[str, Any], status: int, reason: str, key: str | None) -> N
         "path": env.get("PATH_INFO")})
 
 
-def admin_verdict(sec: Security, cfg: Config, req: Request | None = None) -> Response | None:
+def admin_verdict(sec: Security, cfg: Config, env: dict[str, Any] | None = None
+                  ) -> Response | None:
     """None if the request may use the admin API (and /metrics when that needs admin)."""
-    env = (req or request).environ
+    env = request.environ if env is None else env
     if env.get(ADMIN_OK):
         return None
     given, token = credential(env), cfg.admin_token()
@@ -120,26 +121,39 @@ def admin_verdict(sec: Security, cfg: Config, req: Request | None = None) -> Res
     return None
 
 
-def gate(req: Request, sec: Security) -> Response | None:
-    """Flask ``before_request``: None to go on, or the refusal."""
-    env = req.environ
-    cls = route_class(env["REQUEST_METHOD"], req.endpoint, env["PATH_INFO"])
+class Route(NamedTuple):
+    """What the router matched: the view's endpoint name, its rule and its arguments."""
+
+    endpoint: str | None
+    rule: str | None
+    view_args: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, req: Request) -> Route:
+        return cls(req.endpoint, req.url_rule.rule if req.url_rule is not None else None,
+                   req.view_args)
+
+
+def gate(env: dict[str, Any], route: Route, sec: Security) -> Response | None:
+    """Before any view (Flask's ``before_request``, or the fast lane): None to go on, or the
+    refusal."""
+    cls = route_class(env["REQUEST_METHOD"], route.endpoint, env["PATH_INFO"])
     if cls == PUBLIC:
         return None
     cfg = sec.refresh()
     if sec.trust.networks:
         sec.client(env)  # behind a trusted proxy: REMOTE_ADDR is the forwarded client
     if cls == ADMIN or (cls == METRICS and sec.keyring and not cfg.metrics.public):
-        return admin_verdict(sec, cfg, req)
+        return admin_verdict(sec, cfg, env)
     if cls == METRICS:
         return None
     if sec.keyring:
-        return _with_key(req, sec, cfg, cls)
+        return _with_key(env, route, sec, cfg, cls)
     return _without_keys(env, sec, cfg, cls)
 
 
-def _with_key(req: Request, sec: Security, cfg: Config, cls: str) -> Response | None:
-    env = req.environ
+def _with_key(env: dict[str, Any], route: Route, sec: Security, cfg: Config, cls: str
+              ) -> Response | None:
     path = env["PATH_INFO"]
     given = credential(env)
     key = sec.keyring.lookup(given) if given else None
@@ -153,8 +167,7 @@ def _with_key(req: Request, sec: Security, cfg: Config, cls: str) -> Response | 
         return _refuse(env, sec, key.name, "scope", f"forbidden: key '{key.name}' lacks the "
                        f"'{need}' scope")
     if key.patterns:
-        rule = req.url_rule.rule if req.url_rule is not None else path
-        names = models_named(req.endpoint or "", rule, req.view_args, env,
+        names = models_named(route.endpoint or "", route.rule or path, route.view_args, env,
                              cfg.server.maxBodyBytes)
         bad = next((n for n in names if not key.allows_model(n)), None)
         if bad is not None:
@@ -217,7 +230,8 @@ def install(app: Flask, sec: Security) -> None:
     app.extensions["ollama_lb.security"] = sec
 
     def before() -> Response | None:
-        return gate(request._get_current_object(), sec)  # type: ignore[attr-defined]
+        req = request._get_current_object()  # type: ignore[attr-defined]
+        return gate(req.environ, Route.of(req), sec)
 
     app.before_request(before)
     app.after_request(filter_listing)

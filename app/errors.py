@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from flask import Response
+from werkzeug.exceptions import HTTPException
 
 from pipeline.endpoints import ANTHROPIC, OPENAI, api_for
 from pipeline.errors import ErrorCode, PipelineError
@@ -89,3 +90,14 @@ def error_response(err: PipelineError, path: str, request_id: str | None = None)
 def plain(status: int, text: str) -> Response:
     """Gin's own plain-text replies (unknown path, wrong method)."""
     return Response(text, status=status, content_type="text/plain")
+
+
+def http_error_response(exc: HTTPException, path: str) -> Response:
+    """An HTTP error raised on the way (a body too slow, a bad header): Gin's plain 404/405,
+    else the API's error shape."""
+    if exc.code == 404:
+        return plain(404, "404 page not found")
+    if exc.code == 405:
+        return plain(405, "405 method not allowed")
+    status = exc.code or 500
+    return json_response(error_body(status, exc.description or exc.name, path), status)

@@ -8,8 +8,8 @@ response and frees the node slot, whether it ended, failed or the client went aw
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
 
 from flask import Blueprint, Response, current_app, request
 
@@ -55,10 +55,23 @@ def _read_body(environ: dict[str, Any], limit: int) -> bytes:
     return body
 
 
-def _submit(path: str, body: bytes, method: str = "POST", model: str | None = None,
-            facts: Facts | None = None, f: PipelineFactory | None = None) -> Response:
-    env = request.environ
-    f = f or factory()
+class Reply(NamedTuple):
+    """A proxied reply before any framework wraps it: what the fast lane writes as is, and
+    what the Flask view turns into a ``Response``."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: Iterable[bytes]
+
+    def response(self) -> Response:
+        return Response(self.body, status=self.status, headers=self.headers,
+                        direct_passthrough=True)
+
+
+def submit(env: dict[str, Any], f: PipelineFactory, path: str, body: bytes,
+           method: str = "POST", model: str | None = None, facts: Facts | None = None
+           ) -> Reply | Response:
+    """Submit, wait, and hand back the reply (an error as a ``Response`` in the API's shape)."""
     rid = request_id(env)
     headers = tuple((name, env[key]) for key, name in FORWARDED if key in env)
     req = InferenceRequest(path=path, body=body, method=method, model=model, headers=headers,
@@ -73,10 +86,16 @@ def _submit(path: str, body: bytes, method: str = "POST", model: str | None = No
         resp.headers["X-Request-ID"] = rid
         return resp
     if isinstance(result, StreamHandle):
-        return Response(StreamBody(result), status=result.status, direct_passthrough=True,
-                        headers={"Content-Type": result.content_type, "X-Request-ID": rid})
-    return Response(result.body, status=result.status,
-                    headers={"Content-Type": result.content_type, "X-Request-ID": rid})
+        return Reply(result.status, [("Content-Type", result.content_type),
+                                     ("X-Request-ID", rid)], StreamBody(result))
+    return Reply(result.status, [("Content-Type", result.content_type),
+                                 ("Content-Length", str(len(result.body))),
+                                 ("X-Request-ID", rid)], [result.body])
+
+
+def _submit(path: str, body: bytes, method: str = "POST", model: str | None = None) -> Response:
+    out = submit(request.environ, factory(), path, body, method, model)
+    return out.response() if isinstance(out, Reply) else out
 
 
 class StreamBody:
@@ -100,14 +119,19 @@ class StreamBody:
 
 
 def model_routed() -> Response:
-    env, f = request.environ, factory()
+    out = proxied(request.environ, factory())
+    return out.response() if isinstance(out, Reply) else out
+
+
+def proxied(env: dict[str, Any], f: PipelineFactory) -> Reply | Response:
+    """A model-routed call, from the WSGI environ alone (the fast lane calls it too)."""
     path = env["PATH_INFO"]
     try:
         body = _read_body(env, f.config.server.maxBodyBytes)
         facts = env.get(FACTS_KEY) or _large_body_facts(path, body)
     except PipelineError as err:
         return error_response(err, path)
-    return _submit(path, body, facts=facts, f=f)
+    return submit(env, f, path, body, facts=facts)
 
 
 def _large_body_facts(path: str, body: bytes) -> Facts | None:

@@ -38,6 +38,9 @@ from pipeline.config import ServerConfig
 
 log = logging.getLogger("ollama_lb.server")
 
+#: a first piece up to this size leaves with the reply's head in one send; larger ones are
+#: sent on their own rather than copied
+ONE_WRITE = 256 * 1024
 FRESH_S = 2.0  # a new connection gets this long to send its first request during a drain
 BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
                b"Connection: close\r\nContent-Length: 15\r\n\r\n400 Bad Request")  # as Go
@@ -203,6 +206,33 @@ class ClientHandler(WSGIHandler):
             if not any(k.lower() == "connection" for k, _ in headers):
                 headers = [*headers, ("Connection", "close")]
         return super().start_response(status, headers, exc_info)
+
+    def _write_with_headers(self, data: bytes) -> None:
+        """pywsgi's, but the head and a first piece of up to ``ONE_WRITE`` bytes leave in one
+        send: on a complete reply that is one segment and one wake-up of the client instead
+        of two."""
+        self.headers_sent = True
+        self.finalize_headers()
+        out = bytearray(b"HTTP/1.1 ")
+        out += self.status
+        out += b"\r\n"
+        for header, value in self.response_headers:
+            out += header
+            out += b": "
+            out += value
+            out += b"\r\n"
+        out += b"\r\n"
+        if not data or len(data) > ONE_WRITE:
+            self._sendall(out)
+            self._write(data)
+        elif self.response_use_chunked:
+            out += b"%x\r\n" % len(data)
+            out += data
+            out += b"\r\n"
+            self._sendall(out)
+        else:
+            out += data
+            self._sendall(out)
 
     def _sendall(self, data: bytes) -> None:
         """Like pywsgi's, but the timeout bounds each wait for progress, not the whole write.

@@ -9,7 +9,8 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from app import admin, auth, cors, manage, models_admin, ops, proxy
-from app.errors import error_body, json_response, plain
+from app.errors import error_body, http_error_response, json_response
+from app.fastlane import FastLane
 from app.security import Security, exposure
 from pipeline.factory import PipelineFactory
 
@@ -26,18 +27,16 @@ def create_app(factory: PipelineFactory, reload_state: Any = None) -> Flask:
         app.register_blueprint(bp)
     app.register_blueprint(models_admin.bp)  # GET /admin/models: placement (reconciler)
     cors.install(app, lambda: app.extensions["ollama_lb"].config.server.allowedOrigins)
-    auth.install(app, Security.of(factory))  # after CORS: a preflight carries no key
+    sec = Security.of(factory)
+    # model-routed POSTs skip Flask's request cycle; inside the meter, like the whole app
+    app.wsgi_app = FastLane(app.wsgi_app,  # type: ignore[method-assign]
+                            lambda: app.extensions["ollama_lb"], sec)
+    auth.install(app, sec)  # after CORS: a preflight carries no key
     exposure(factory.config, factory.config.server.host)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
-        if exc.code == 404:
-            return plain(404, "404 page not found")
-        if exc.code == 405:
-            return plain(405, "405 method not allowed")
-        status = exc.code or 500
-        return json_response(error_body(status, exc.description or exc.name, request.path),
-                             status)
+        return http_error_response(exc, request.path)
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:

@@ -11,7 +11,11 @@ framing and keep-alive logic.
 from __future__ import annotations
 
 import http.client
+import re
 from typing import Any
+
+from urllib3.connection import _get_default_user_agent as _default_user_agent
+from urllib3.connection import _ResponseOptions
 
 
 class Head(http.client.HTTPMessage):
@@ -114,8 +118,92 @@ class FastResponse(http.client.HTTPResponse):
             self.will_close = True
 
 
+ONE_WRITE = 64 * 1024  # a body up to this size leaves with the head
+_UNSAFE_PATH = re.compile(r"[^\x21-\x7e]")  # what http.client refuses, and any non-ASCII
+_CS_IDLE, _CS_REQ_SENT = http.client._CS_IDLE, http.client._CS_REQ_SENT  # type: ignore[attr-defined]
+
+
+class OneWriteRequest:
+    """urllib3's ``HTTPConnection.request`` for a bytes body: the head and the body in one send.
+
+    urllib3 puts the request line and each header through http.client one call at a time and
+    sends the head and the body separately: about a hundred Python calls, and two segments for
+    the node to wake up for. The appliance always sends a known-length body (or none) with
+    headers it built itself, so the request is formatted in one piece here; anything else
+    (a body that is not bytes, a path or header value http.client would refuse, a connection
+    not idle) takes urllib3's own path, with its own checks and errors.
+    """
+
+    host: str
+    port: int
+    default_port: int
+    sock: Any
+    timeout: Any
+    _response_options: Any
+
+    def request(self, method: str, url: str, body: Any = None, headers: Any = None,
+                **kw: Any) -> None:
+        head = self._head(method, url, body, headers) if not kw.get("chunked") else None
+        if head is None:
+            super().request(method, url, body=body, headers=headers, **kw)  # type: ignore[misc]
+            return
+        if self.sock is None:
+            self.connect()  # type: ignore[attr-defined]
+        else:
+            self.sock.settimeout(self.timeout)
+        self._response_options = _ResponseOptions(
+            request_method=method, request_url=url,
+            preload_content=kw.get("preload_content", True),
+            decode_content=kw.get("decode_content", True),
+            enforce_content_length=kw.get("enforce_content_length", True))
+        self._method = method
+        self._HTTPConnection__state = _CS_REQ_SENT
+        if body and len(body) <= ONE_WRITE:
+            self.sock.sendall(head + body)
+        else:  # a large body is not copied just to save a send
+            self.sock.sendall(head)
+            if body:
+                self.sock.sendall(body)
+
+    def _head(self, method: str, url: str, body: Any, headers: Any) -> bytes | None:
+        """The request's head, or None where urllib3's own path must take it."""
+        state = self.__dict__.get("_HTTPConnection__state")
+        response = self.__dict__.get("_HTTPConnection__response")
+        if response is not None and response.isclosed():
+            self._HTTPConnection__response = response = None
+        if (state != _CS_IDLE or response is not None or not isinstance(body, bytes | None)
+                or _UNSAFE_PATH.search(url) or not method.isalpha()):
+            return None
+        given = []
+        for name, value in (headers or {}).items():
+            if "\r" in value or "\n" in value:
+                return None
+            given.append(f"{name}: {value}")
+        names = {line.split(":", 1)[0].lower() for line in given}
+        lines = [f"{method} {url} HTTP/1.1"]
+        if "host" not in names:
+            lines.append(f"Host: {self._host_header()}")
+        if "accept-encoding" not in names:
+            lines.append("Accept-Encoding: identity")
+        lines += given
+        if body is not None and "content-length" not in names:
+            lines.append(f"Content-Length: {len(body)}")
+        if "user-agent" not in names:
+            lines.append(f"User-Agent: {_default_user_agent()}")
+        try:
+            return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        except UnicodeEncodeError:
+            return None
+
+    def _host_header(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == self.default_port else f"{host}:{self.port}"
+
+
 def fast_connections(pool: Any) -> Any:
-    """Make a urllib3 pool's connections read response heads with ``FastResponse``."""
+    """Make a urllib3 pool's connections send each request in one write and read response
+    heads with ``FastResponse``."""
     base = pool.ConnectionCls
-    pool.ConnectionCls = type(f"Fast{base.__name__}", (base,), {"response_class": FastResponse})
+    pool.ConnectionCls = type(f"Fast{base.__name__}", (OneWriteRequest, base),
+                              {"response_class": FastResponse})
     return pool

@@ -1,7 +1,9 @@
-"""The node's response head is read without the email package, and reads the same."""
+"""The node's response head is read without the email package, and a request is written in
+one piece: both read the same as the standard path."""
 
 from __future__ import annotations
 
+import urllib3
 from gevent.server import StreamServer
 
 from pipeline.upstream import UpstreamClient
@@ -48,3 +50,55 @@ def test_head_fields_framing_and_reuse_read_as_http_client_reads_them():
     finally:
         client.close()
         server.stop()
+
+
+def capture_requests(count: int) -> tuple[StreamServer, list[bytes]]:
+    """A node that records each request it gets (head and Content-Length body) and answers."""
+    seen: list[bytes] = []
+
+    def handle(sock, _addr):
+        f = sock.makefile("rb")
+        for _ in range(count):
+            head = b""
+            while (line := f.readline()) not in (b"\r\n", b""):
+                head += line
+            if not head:
+                break
+            length = next((int(h.split(b":")[1]) for h in head.split(b"\r\n")
+                           if h.lower().startswith(b"content-length:")), 0)
+            seen.append(head + b"\r\n" + f.read(length))
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        sock.close()
+
+    server = StreamServer(("127.0.0.1", 0), handle)
+    server.start()
+    return server, seen
+
+
+def test_a_request_written_in_one_piece_reads_as_urllib3_would_have_sent_it():
+    server, seen = capture_requests(4)
+    url = f"http://127.0.0.1:{server.server_port}"
+    body = b'{"model":"m","messages":[]}'
+    headers = {"Content-Type": "application/json", "X-Request-ID": "r1",
+               "User-Agent": "ollama-python/0.6.3"}
+    client = UpstreamClient()
+    plain = urllib3.HTTPConnectionPool("127.0.0.1", server.server_port, maxsize=1)
+    try:
+        for _ in range(2):  # the second one reuses the kept-alive connection
+            resp = client.send(url, "POST", "/api/chat", body, headers, 1.0, 1.0, pool_size=1)
+            assert resp.content == b"{}"
+            resp.close()
+        for sent in ({**headers, "Content-Length": str(len(body))}, {"Accept": "x"}):
+            plain.urlopen("POST", "/api/chat", body=body if "Content-Type" in sent else None,
+                          headers=sent, retries=False).read()
+        client.send(url, "POST", "/api/chat", None, {"Accept": "x"}, 1.0, 1.0).close()
+    finally:
+        client.close()
+        plain.close()
+        server.stop()
+    ours, again, theirs, theirs_bare = seen[:4]
+    assert ours == again == theirs  # byte for byte: request line, Host, every header, body
+    assert b"User-Agent: ollama-python/0.6.3\r\n" in ours and ours.endswith(body)
+    assert theirs_bare.startswith(b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1:")
+    assert b"User-Agent: python-urllib3/" in theirs_bare
+

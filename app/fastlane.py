@@ -1,0 +1,75 @@
+"""The fast lane: model-routed POSTs go from the WSGI server to their view without Flask's cycle.
+
+Flask stays the application: it hosts every route, this one included, and answers everything
+the lane does not take. But for the dozen paths that carry the load (chat, generate, embed and
+their OpenAI and Anthropic twins, POST only, exact path), what a Flask request costs per call
+buys nothing: no URL variables to match, no session, no request/app context for the view to
+read through proxies, no hook that changes the reply (CORS tags only requests with an
+``Origin``, which the lane leaves to Flask; the listing filter only touches listings), and no
+``Response`` object to build and take apart again. So the lane runs, in the same order as
+Flask would, the gate (``app/auth.py``) and the view's own function (``app/proxy.py``), and
+writes the reply straight to ``start_response``. A refusal or an error is a Flask
+``Response``, served as the WSGI app it is.
+
+An exception in the view is answered as Flask's error handlers answer it: an HTTP error (a
+body that arrives too slowly: 408) in the API's error shape, anything else logged and a 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from http import HTTPStatus
+from typing import Any
+
+from werkzeug.exceptions import HTTPException
+
+from app import proxy
+from app.auth import Route, gate
+from app.errors import error_body, http_error_response, json_response
+from app.security import Security
+from pipeline.factory import PipelineFactory
+
+log = logging.getLogger("ollama_lb.http")
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def status_line(code: int) -> str:
+    try:
+        return f"{code} {HTTPStatus(code).phrase}"
+    except ValueError:
+        return f"{code} Unknown"
+
+
+STATUS_LINES = {code: status_line(code) for code in range(100, 600)}
+
+
+class FastLane:
+    """WSGI layer in front of the Flask app: takes the model-routed POSTs, passes the rest."""
+
+    def __init__(self, inner: WsgiApp, factory: Callable[[], PipelineFactory],
+                 sec: Security) -> None:
+        self.inner = inner
+        self.factory = factory  # the live factory (the app's extension)
+        self.sec = sec
+        #: path -> the gate's view of the route, as Flask's router would have matched it
+        self.routes = {path: Route(f"ollama.{path}", path, None) for path in proxy.MODEL_ROUTED}
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
+                 ) -> Iterable[bytes]:
+        route = self.routes.get(environ["PATH_INFO"])
+        if route is None or environ["REQUEST_METHOD"] != "POST" or "HTTP_ORIGIN" in environ:
+            return self.inner(environ, start_response)
+        try:
+            out = gate(environ, route, self.sec) or proxy.proxied(environ, self.factory())
+        except HTTPException as exc:  # what Flask's error handlers would answer
+            out = http_error_response(exc, environ["PATH_INFO"])
+        except Exception as exc:
+            log.exception("unhandled error", extra={"event": "http_error",
+                                                    "path": environ["PATH_INFO"]})
+            out = json_response(error_body(500, f"internal error: {exc}", environ["PATH_INFO"]),
+                                500)
+        if isinstance(out, proxy.Reply):
+            start_response(STATUS_LINES.get(out.status) or status_line(out.status), out.headers)
+            return out.body
+        return out(environ, start_response)
