@@ -246,6 +246,16 @@ class SharedCaps:
         self.members.seen(live, settled=self.mode is Mode.SHARED)
         return True
 
+    def _check_master(self) -> None:
+        """Sentinel named a new master (or cannot be asked): local mode, to rejoin there."""
+        try:
+            moved = self.store.master_moved()
+        except redis.RedisError as exc:
+            self._error("sentinel", exc)
+            return
+        if moved:
+            self._lose(f"Sentinel failover: master {moved}")
+
     def _join(self) -> None:
         """From local mode: rejoin, then a window where local share and Redis both admit."""
         if self._renew(join=True):
@@ -259,6 +269,8 @@ class SharedCaps:
             self._started_with = (s.redisUrl, s.keyPrefix)  # logged once per change
             log.warning("sharedState.redisUrl or keyPrefix changed: applies at restart",
                         extra={"event": "shared_restart_needed"})
+        if self.mode is not Mode.LOCAL:
+            self._check_master()  # a failover: local now, and the rejoin below re-asserts
         if self.mode is Mode.LOCAL:
             self._join()
         elif self._renew(join=False) and self.mode is Mode.REJOINING and (

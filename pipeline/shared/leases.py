@@ -14,9 +14,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
+from pipeline.shared.connect import connect
 from pipeline.shared.scripts import ACQUIRE, RENEW
 
 GRANTED, FULL, LOST = 1, -1, -2  # acquire results: a lease, the node full, Redis lost state
@@ -32,15 +31,11 @@ class RedisLeases:
         self.prefix = "{" + prefix + "}"
         self.channel = f"{self.prefix}:freed"
         self.observe = observe
-        common: dict[str, Any] = {"socket_timeout": timeout_s,
-                                  "socket_connect_timeout": timeout_s,
-                                  "retry": Retry(NoBackoff(), 0), "retry_on_timeout": False}
-        self.pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=timeout_s, **common)
-        self.client = redis.Redis(connection_pool=self.pool)
+        self.client, self._single, self.sentinel = connect(url, timeout_s, max_connections)
+        self.pool = self.client.connection_pool
+        self.generation = 0  # +1 at each Sentinel failover seen: subscriptions start again
         self._acquire = self.client.register_script(ACQUIRE)
         self._renew = self.client.register_script(RENEW)
-        self._url, self._common = url, common
 
     def node_key(self, node_id: str) -> str:
         return f"{self.prefix}:node:{node_id}:leases"
@@ -91,18 +86,43 @@ class RedisLeases:
         return reply[0].decode(), live, {n: int(c) for (n, _, _), c in zip(nodes, reply[2],
                                                                           strict=True)}
 
+    def master_moved(self) -> str | None:
+        """Through Sentinel: has it named another master than the one the pool talks to?
+
+        redis-py asks the sentinels only when it opens a connection, so kept connections
+        would go on talking to a demoted master (which answers writes until the sentinels
+        reconfigure it: two masters, two counts). Asked once per heartbeat: if the master
+        moved, every connection is dropped, in use or not, and the caller rejoins on the new
+        one (re-asserting its leases). None: no Sentinel, or the same master.
+        """
+        if self.sentinel is None or self.pool.master_address is None:
+            return None
+        t0 = time.perf_counter()
+        name = self.pool.service_name
+        named = tuple(self.sentinel.discover_master(name))
+        self.observe("sentinel", time.perf_counter() - t0)
+        old = tuple(self.pool.master_address)
+        if named == old:
+            return None
+        self.pool.disconnect()  # in use too: nothing more reaches the old master
+        self.pool.get_master_address()  # the pool names the new master from now on
+        self.generation += 1
+        return f"{old[0]}:{old[1]} -> {named[0]}:{named[1]}"
+
     def freed(self, wait_s: float, running: Callable[[], bool]) -> Iterator[str | None]:
         """Node ids as instances publish freed slots; None every ``wait_s`` of silence.
 
         Its own connection (a subscription holds one), read with ``wait_s`` as the socket
-        timeout. Ends when ``running()`` turns false; a RedisError other than a timeout
-        escapes, and the caller subscribes again later.
+        timeout. Ends when ``running()`` turns false or the Sentinel master moved (the caller
+        subscribes again, on the new one); a RedisError other than a timeout escapes, and the
+        caller subscribes again later.
         """
-        sub = redis.Redis.from_url(self._url, **{**self._common, "socket_timeout": wait_s})
+        sub = self._single(wait_s)
         ps = sub.pubsub(ignore_subscribe_messages=True)
+        generation = self.generation
         try:
             ps.subscribe(self.channel)
-            while running():
+            while running() and generation == self.generation:
                 try:
                     msg = ps.parse_response(block=True)
                 except redis.TimeoutError:
@@ -116,3 +136,5 @@ class RedisLeases:
 
     def close(self) -> None:
         self.pool.disconnect()
+        if self.sentinel is not None:
+            self.sentinel.close()

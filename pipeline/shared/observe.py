@@ -46,7 +46,7 @@ class SharedMetrics:
         self.redis_seconds = Histogram(f"{prefix}_redis_seconds", "Redis round trips, seconds",
                                        ["op"], registry=registry, buckets=REDIS_BUCKETS)
         self._ops = {op: self.redis_seconds.labels(op)
-                     for op in ("acquire", "release", "renew")}
+                     for op in ("acquire", "release", "renew", "sentinel", "hint")}
         self.mode_changes = Counter(f"{prefix}_shared_mode_changes",
                                     "Mode changes of shared caps, by the mode entered", ["to"],
                                     registry=registry)

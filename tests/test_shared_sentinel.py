@@ -1,0 +1,170 @@
+"""``sharedState.redisUrl`` through Redis Sentinel: ``redis+sentinel://host[:port],.../MASTER/DB``.
+
+Real parts only: a real ``redis-server`` master and replica and a real Sentinel
+(``redis-server --sentinel``, the same Debian package) on free loopback ports. The appliance
+asks the sentinel for the master; the test makes the sentinel fail over to the replica and
+checks that both appliances follow the master the sentinel names, with the cap still exact.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import gevent
+import pytest
+import redis
+import requests
+
+from pipeline.config import ConfigError, parse_config
+from pipeline.config_shared import parse_sentinel_url
+from pipeline.shared.leases import GRANTED, RedisLeases
+from tests.redisserver import REDIS, RedisProc, SentinelProc
+from tests.waiting import wait_until
+
+SHARED = {"leaseTtlMs": 2000, "heartbeatMs": 250, "timeoutMs": 200, "localGraceMs": 1000}
+
+
+@pytest.fixture
+def sentinel(redis_proc: RedisProc, tmp_path: Path) -> Iterator[SentinelProc]:
+    proc = SentinelProc(redis_proc, tmp_path).start()
+    yield proc
+    proc.stop()
+
+
+def _config(url: str) -> dict:
+    return {"nodes": [{"id": "n0", "url": "http://127.0.0.1:1"}], "sharedState": {
+        "redisUrl": url}}
+
+
+# --- the URL form ------------------------------------------------------------------------------
+
+def test_a_sentinel_url_names_its_members_master_database_and_credentials():
+    url = parse_sentinel_url("redis+sentinel://app:s%3Acret@s1:26380,s2,10.0.0.9:5000"
+                             "/lb-state/3?sentinel_password=sp")
+    assert url.sentinels == (("s1", 26380), ("s2", 26379), ("10.0.0.9", 5000))
+    assert (url.master, url.db, url.username, url.password) == ("lb-state", 3, "app", "s:cret")
+    assert (url.sentinel_username, url.sentinel_password) == (None, "sp")
+    assert parse_sentinel_url("redis+sentinel://:pw@s1/m").password == "pw"
+    assert parse_sentinel_url("redis+sentinel://s1/m").db == 0
+    cfg = parse_config(_config("redis+sentinel://s1:26379,s2:26379/mymaster/0"))
+    assert cfg.sharedState.redisUrl == "redis+sentinel://s1:26379,s2:26379/mymaster/0"
+
+
+@pytest.mark.parametrize("url, says", [
+    ("redis+sentinel://s1:26379", "/MASTERNAME"),
+    ("redis+sentinel://s1:26379/", "/MASTERNAME"),
+    ("redis+sentinel:///mymaster", "at least one sentinel"),
+    ("redis+sentinel://s1:26379,/mymaster", "sentinel member ''"),
+    ("redis+sentinel://s1:0/mymaster", "1-65535"),
+    ("redis+sentinel://s1:port/mymaster", "1-65535"),
+    ("redis+sentinel://s1/mymaster/zero", "must be a number"),
+    ("redis+sentinel://s1/mymaster/0/extra", "/MASTERNAME or /MASTERNAME/DB"),
+    ("redis+sentinel://s1/mymaster?socket_timeout=5", "unknown option(s) socket_timeout"),
+    ("sentinel://s1:26379/mymaster", "redis+sentinel://host[:port][,...]/MASTER[/DB]"),
+])
+def test_a_bad_sentinel_url_is_a_config_error_that_says_what_is_wrong(url, says):
+    with pytest.raises(ConfigError) as err:
+        parse_config(_config(url))
+    assert any(p.startswith("sharedState.redisUrl:") and says in p
+               for p in err.value.problems), err.value.problems
+
+
+# --- leases through a real sentinel ------------------------------------------------------------
+
+def test_leases_go_to_the_master_the_sentinel_names(redis_proc, sentinel):
+    store = RedisLeases(sentinel.url, "t", 0.2)
+    direct = redis.Redis.from_url(redis_proc.url)
+    try:
+        epoch, _, _ = store.renew("e1", "x", 5000, 5000, True, [])
+        assert epoch is not None
+        assert store.acquire(epoch, "n0", "x/1", 5000, 2)[0] == GRANTED
+        assert direct.zcard(store.node_key("n0")) == 1  # written on the master itself
+        store.release([("n0", "x/1")])
+        assert direct.zcard(store.node_key("n0")) == 0
+    finally:
+        store.close()
+        direct.close()
+
+
+def test_no_sentinel_answering_is_an_outage_bounded_by_the_timeout(redis_proc, tmp_path):
+    from tests.redisserver import free_port
+    store = RedisLeases(f"redis+sentinel://127.0.0.1:{free_port()}/lbstate/0", "t", 0.1)
+    try:
+        with pytest.raises(redis.ConnectionError):
+            store.renew("e1", "x", 5000, 5000, True, [])
+    finally:
+        store.close()
+
+
+def _generate(url: str) -> int:
+    return requests.post(f"{url}/api/generate", json={"model": "tiny", "prompt": "hi",
+                                                       "stream": False},
+                         timeout=10).status_code
+
+
+def _batch(urls: list[str], n: int) -> list[int]:
+    jobs = [gevent.spawn(_generate, urls[i % len(urls)]) for i in range(n)]
+    gevent.joinall(jobs, timeout=20, raise_error=True)
+    return [j.value for j in jobs]
+
+
+@pytest.mark.skipif(REDIS is None, reason="redis-server is not installed")
+def test_two_appliances_follow_a_sentinel_failover_with_the_cap_exact(
+        redis_proc, fake_node, appliance, tmp_path):
+    replica = RedisProc(replica_of=redis_proc).start()
+    sentinel = SentinelProc(redis_proc, tmp_path).start()
+    try:
+        # the sentinel learns of the replica from the master's INFO; the link must be up
+        assert wait_until(lambda: _link_up(replica.port), timeout=10)
+        assert wait_until(lambda: str(replica.port).encode() in sentinel.command(
+            "SENTINEL", "REPLICAS", SentinelProc.MASTER_NAME), timeout=15)
+        node = fake_node(["tiny"], profile="fast", decode_tps=200.0)
+        apps = [appliance([node], sharedState={"redisUrl": sentinel.url, **SHARED},
+                          node_overrides={0: {"maxConcurrentRequests": 2}}) for _ in range(2)]
+        urls = [f"http://127.0.0.1:{a.port}" for a in apps]
+        assert wait_until(lambda: all(a.factory.shared.mode == "shared" for a in apps), 5)
+        assert _batch(urls, 12) == [200] * 12
+        assert node.stats.max_active == 2
+
+        changes_before = [_changes(a) for a in apps]
+        t0 = time.monotonic()
+        assert sentinel.command("SENTINEL", "FAILOVER", SentinelProc.MASTER_NAME) == b"+OK\r\n"
+        assert wait_until(lambda: sentinel.master_port() == replica.port, timeout=10)
+        new_master = redis.Redis(port=replica.port)
+        try:
+            # both instances talk to the new master only, in shared mode again
+            assert wait_until(lambda: all(
+                a.factory.shared.store.pool.master_address == ("127.0.0.1", replica.port)
+                and a.factory.shared.mode == "shared" for a in apps), timeout=10)
+            followed_s = time.monotonic() - t0
+            changes = [_changes(a) - b for a, b in zip(apps, changes_before, strict=True)]
+            print(f"both instances shared on the new master {followed_s:.2f} s after "
+                  f"SENTINEL FAILOVER; mode changes {changes}")
+            assert _batch(urls, 12) == [200] * 12
+            assert node.stats.max_active == 2, "a node got more than its cap"
+            assert new_master.exists("{lb}:epoch")
+        finally:
+            new_master.close()
+    finally:
+        sentinel.stop()
+        replica.stop()
+
+
+def _changes(app: object) -> float:
+    """How many mode changes the instance made (its own metric)."""
+    counter = app.factory.shared.metrics.mode_changes  # type: ignore[attr-defined]
+    return sum(s.value for m in counter.collect() for s in m.samples
+               if s.name.endswith("_total"))
+
+
+def _link_up(port: int) -> bool:
+    """The replica's link to its master is up (it has the master's data)."""
+    client = redis.Redis(port=port, socket_timeout=1)
+    try:
+        return client.info("replication").get("master_link_status") == "up"
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
