@@ -51,7 +51,8 @@ class PipelineFactory:
             from pipeline.shared.attach import attach  # redis-py only when configured
 
             self.shared = attach(lambda: self.config, self.node_registry,
-                                 self.pipeline.dispatcher, self.metrics_registry)
+                                 self.pipeline.dispatcher, self.metrics_registry,
+                                 probe=self.health_checker.probe_now)
             self.operations.shared_status = self.shared.status
         self.started = False
 

@@ -97,14 +97,21 @@ class HealthChecker:
         t = self.config.timeouts
         return t.connectTimeoutMs / 1000.0, t.healthCheckTimeoutMs / 1000.0
 
-    def _probe(self, node: Node) -> None:
+    def probe_now(self, node: Node) -> bool:
+        """One active check of ``node`` now, out of turn (a peer's circuit-open hint):
+        counted like any probe, so failures can mark it DOWN; True if it answered."""
+        return self._probe(node)
+
+    def _probe(self, node: Node) -> bool:
         connect, read = self._timeouts()
         was = node.health
+        ok = False
         try:
             with gevent.Timeout(connect + read):
                 data = self.upstream.get_json(node.url, "/api/version", connect, read)
             node.version = str(data.get("version")) if isinstance(data, dict) else None
             node.record_success(live=False)
+            ok = True
         except (Exception, gevent.Timeout) as exc:
             node.record_failure(f"health check: {type(exc).__name__}: {str(exc)[:120]}",
                                 live=False)
@@ -112,6 +119,7 @@ class HealthChecker:
         if node.health is not was:
             log.warning("node health changed", extra={"event": "node_health", "node": node.id,
                         "from": was.value, "to": node.health.value, "error": node.last_error})
+        return ok
 
     def discover(self, node: Node) -> None:
         """Refresh installed and loaded models; failures leave the last known lists."""

@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
 import redis
@@ -39,6 +39,9 @@ from pipeline.shared.fallback import allowance
 from pipeline.shared.leases import FULL, LOST, RedisLeases
 from pipeline.shared.membership import Membership, new_instance_id
 from pipeline.shared.observe import SharedMetrics
+
+if TYPE_CHECKING:  # hints need the caps (mode, errors); the caps only hand messages on
+    from pipeline.shared.hints import CircuitHints
 
 log = logging.getLogger("ollama_lb.shared")
 RETRY_S = (0.02, 0.06)  # a full node is retried after this (jittered), freed message or not
@@ -77,6 +80,7 @@ class SharedCaps:
         self._retry: dict[str, Any] = {}  # node id -> its pending retry timer
         self._running = False
         self.greenlets = Group()
+        self.hints: CircuitHints | None = None  # set by attach(): breaker-open hints
         self._started_with = (settings().redisUrl, settings().keyPrefix)
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -91,6 +95,8 @@ class SharedCaps:
     def stop(self) -> None:
         self._running = False
         self._release_due.set()
+        if self.hints is not None:
+            self.hints.stop()
         self.greenlets.kill(block=True, timeout=2)
         for timer in list(self._retry.values()):
             timer.kill(block=False)
@@ -304,13 +310,19 @@ class SharedCaps:
                 self._unblock(nid)
 
     def _wakeups(self) -> None:
-        """Other instances' freed slots: retry the node now rather than at the next timer."""
+        """Other instances' freed slots: retry the node now rather than at the next timer;
+        their circuit-open hints: handed to ``hints`` (which probes the node)."""
         while self._running:
             wait = max(0.5, 2 * self.settings().heartbeatMs / 1000.0)
             try:
-                for nid in self.store.freed(wait, lambda: self._running):
-                    if nid is not None:
-                        self._unblock(nid)
+                for msg in self.store.messages(wait, lambda: self._running):
+                    if msg is None:
+                        continue
+                    kind, payload = msg
+                    if kind == "freed":
+                        self._unblock(payload)
+                    elif self.hints is not None:
+                        self.hints.received(payload)
             except redis.RedisError:
                 gevent.sleep(self.settings().heartbeatMs / 1000.0)
 
@@ -325,4 +337,5 @@ class SharedCaps:
             "leasesHeld": {n.id: self.held_count[n.id] for n in self.registry.all_nodes()},
             "leasesCounted": dict(self.counts),
             "blockedNodes": [n.id for n in self.registry.all_nodes() if n.shared_full],
+            **({"circuitHints": self.hints.status()} if self.hints is not None else {}),
         }

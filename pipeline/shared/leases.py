@@ -20,6 +20,7 @@ from pipeline.shared.scripts import ACQUIRE, RENEW
 
 GRANTED, FULL, LOST = 1, -1, -2  # acquire results: a lease, the node full, Redis lost state
 NodeHoldings = tuple[str, list[str], list[str]]  # node id, own held ids, own pending ids
+Message = tuple[str, str]  # ("freed", node id) or ("hint", "<instance> <node id>")
 
 
 class RedisLeases:
@@ -30,6 +31,7 @@ class RedisLeases:
                  max_connections: int = 64) -> None:
         self.prefix = "{" + prefix + "}"
         self.channel = f"{self.prefix}:freed"
+        self.hints_channel = f"{self.prefix}:hints"
         self.observe = observe
         self.client, self._single, self.sentinel = connect(url, timeout_s, max_connections)
         self.pool = self.client.connection_pool
@@ -109,27 +111,36 @@ class RedisLeases:
         self.generation += 1
         return f"{old[0]}:{old[1]} -> {named[0]}:{named[1]}"
 
-    def freed(self, wait_s: float, running: Callable[[], bool]) -> Iterator[str | None]:
-        """Node ids as instances publish freed slots; None every ``wait_s`` of silence.
+    def hint(self, node_id: str, instance: str) -> None:
+        """Tell every instance that this one's breaker for ``node_id`` opened: one round trip."""
+        t0 = time.perf_counter()
+        self.client.publish(self.hints_channel, f"{instance} {node_id}")
+        self.observe("hint", time.perf_counter() - t0)
+
+    def messages(self, wait_s: float, running: Callable[[], bool]) -> Iterator[Message | None]:
+        """("freed", node id) and ("hint", "instance node id") as instances publish them;
+        None every ``wait_s`` of silence.
 
         Its own connection (a subscription holds one), read with ``wait_s`` as the socket
         timeout. Ends when ``running()`` turns false or the Sentinel master moved (the caller
         subscribes again, on the new one); a RedisError other than a timeout escapes, and the
         caller subscribes again later.
         """
+        kinds = {self.channel.encode(): "freed", self.hints_channel.encode(): "hint"}
         sub = self._single(wait_s)
         ps = sub.pubsub(ignore_subscribe_messages=True)
         generation = self.generation
         try:
-            ps.subscribe(self.channel)
+            ps.subscribe(*(c.decode() for c in kinds))
             while running() and generation == self.generation:
                 try:
                     msg = ps.parse_response(block=True)
                 except redis.TimeoutError:
                     yield None
                     continue
-                if isinstance(msg, list) and len(msg) == 3 and msg[0] == b"message":
-                    yield msg[2].decode()
+                if isinstance(msg, list) and len(msg) == 3 and msg[0] == b"message" and (
+                        msg[1] in kinds):
+                    yield kinds[msg[1]], msg[2].decode()
         finally:
             ps.close()
             sub.close()

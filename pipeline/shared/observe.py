@@ -50,6 +50,15 @@ class SharedMetrics:
         self.mode_changes = Counter(f"{prefix}_shared_mode_changes",
                                     "Mode changes of shared caps, by the mode entered", ["to"],
                                     registry=registry)
+        self.hints = Counter(f"{prefix}_shared_circuit_hints",
+                             "Circuit-open hints, by node: sent (this instance's breaker "
+                             "opened) or received (another's did)", ["node", "direction"],
+                             registry=registry)
+        self.hint_probes = Counter(f"{prefix}_shared_hint_probes",
+                                   "Probe bursts run on a received circuit-open hint, by how "
+                                   "they ended (ok: the node answered; failed; skipped: "
+                                   "already DOWN or open here, or checks off)",
+                                   ["node", "result"], registry=registry)
         self.redis_errors = Counter(f"{prefix}_redis_errors", "Redis calls that failed",
                                     ["op"], registry=registry)
         registry.register(_SharedCollector(prefix, status))
