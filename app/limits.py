@@ -8,6 +8,10 @@ so a request refused for concurrency does not also spend a bucket token.
 
 An admitted request holds a ``Grant``; its ``release()`` gives the in-flight place back and is
 idempotent, so every way a request can end may call it and the count is right once.
+
+With ``sharedState.redisUrl`` the same limits are counted across instances in Redis
+(``app/sharedlimits.py``): its grants are ``SharedGrant``s, which also give their Redis lease
+back. Without it nothing here changes: no extra work on the request path.
 """
 
 from __future__ import annotations
@@ -73,12 +77,14 @@ class TokenBucket:
 class Allowance:
     """The limit state of one principal: its bucket, and its requests in flight."""
 
-    __slots__ = ("bucket", "in_flight", "live")
+    __slots__ = ("bucket", "in_flight", "live", "seen")
 
     def __init__(self) -> None:
         self.bucket: TokenBucket | None = None
         self.in_flight = 0
         self.live: set[Grant] = set()  # admitted and not released (revoked on key removal)
+        # shared limits only: (tokens used today as Redis last said, own used then)
+        self.seen: tuple[int, int] | None = None
 
     def admit(self, who: Callable[[], str], limits: LimitSettings, used_today: int,
               now: float, *, tokens: bool) -> None:
@@ -141,4 +147,29 @@ class Grant:
         self.released = True
         self.allowance.in_flight -= 1
         self.allowance.live.discard(self)
+        return True
+
+
+class Released(Protocol):
+    def released(self, principal: str, lease: str) -> None: ...
+
+
+class SharedGrant(Grant):
+    """A grant of shared limits: its release also gives back its lease in Redis (batched)."""
+
+    __slots__ = ("lease", "principal", "shared")
+
+    def __init__(self, allowance: Allowance, account: Any, key: str | None,
+                 counts_tokens: bool, shared: Released, principal: str,
+                 lease: str | None) -> None:
+        super().__init__(allowance, account, key, counts_tokens)
+        self.shared = shared
+        self.principal = principal  # k:<key name> or c:<address>
+        self.lease = lease  # None: no in-flight limit, nothing held in Redis
+
+    def release(self) -> bool:
+        if not Grant.release(self):
+            return False
+        if self.lease is not None:
+            self.shared.released(self.principal, self.lease)
         return True

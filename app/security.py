@@ -49,6 +49,14 @@ class Security:
         self.trust = ProxyTrust(())
         self._config: Config | None = None
         self.refresh()
+        self.shared_limits: Any = None  # sharedState.redisUrl: limits counted in Redis
+        if factory.shared is not None:  # without it, admission below is exactly as before
+            from app.sharedlimits import SharedLimits  # redis-py only when configured
+
+            self.shared_limits = SharedLimits(factory, self.book, self.finish)
+            self.admit_key = self.shared_limits.admit_key  # type: ignore[method-assign]
+            self.admit_client = self.shared_limits.admit_client  # type: ignore[method-assign]
+            self.finish = self.shared_limits.finish  # type: ignore[method-assign]
 
     @property
     def factory(self) -> PipelineFactory:
@@ -166,6 +174,9 @@ class Security:
 
     def close(self) -> None:
         """Write pending usage (the process is stopping)."""
+        if self.shared_limits is not None:
+            self.shared_limits.stop()
+            self.shared_limits = None
         if self.store is not None:
             self.store.close()
             self.store = None
