@@ -106,7 +106,7 @@ class StreamRelay:
         reader under a greenlet blocked in it raises there instead of ending the read)."""
         sock = self.resp.socket()
         if sock is None:
-            self.resp.raw.close()
+            self.resp.abort()
             return
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)

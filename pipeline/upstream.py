@@ -4,7 +4,9 @@ Why not ``HTTPAdapter.send``: requests' response building (a ``Response`` object
 extraction through ``http.cookiejar``, header re-wrapping) costs about as much CPU as the
 transport itself, and a proxy needs none of it (the figures, with their dates, are in
 tests/bench/performance.md). So the appliance keeps requests' ``HTTPAdapter`` for what it is
-good at (the per-host pool manager and its configuration) and sends through that pool itself.
+good at (the per-host pool manager, its connection pools and their connections) and sends
+each request on a connection the node's pool lends, without urllib3's ``urlopen`` (retries,
+redirects, timeout objects and a response wrapper a proxy that sends once does not use).
 
 ``Host`` comes from the node URL (an Ollama bound to loopback refuses other hosts), bodies are
 sent byte for byte with a Content-Length, no proxy or netrc settings are read from the
@@ -13,21 +15,20 @@ environment, and nothing is retried or redirected behind the appliance's back.
 
 from __future__ import annotations
 
+import http.client
 import json
 from collections.abc import Iterator
 from typing import Any
 
 from requests.adapters import HTTPAdapter
-from urllib3 import HTTPResponse
 from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
 from urllib3.exceptions import HTTPError as Urllib3Error
-from urllib3.util import Timeout
 
 from pipeline.wire import fast_connections
 
 STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
-#: what a failed exchange with a node raises
-TRANSPORT_ERRORS = (Urllib3Error, OSError)
+#: what a failed exchange with a node raises (a reply cut short: http.client's IncompleteRead)
+TRANSPORT_ERRORS = (Urllib3Error, OSError, http.client.HTTPException)
 
 
 class FirstByteTimeout(Exception):
@@ -60,14 +61,21 @@ class UpstreamError(Urllib3Error):
 class UpstreamResponse:
     """A node's reply with its body unread; ``close()`` returns or drops the connection.
 
-    Every response counts as a connection checked out of its client until ``close()``, so a
-    leaked response (a connection never given back) is visible in ``UpstreamClient.checked_out``.
+    It holds the http.client response, the connection it came on and the pool that lent it,
+    and gives the connection back exactly once: to the pool if the body was read to its end
+    on a connection that stays open, else closed (so a node sees its client leave), with an
+    empty place put back so the pool keeps its size. Every response counts as a connection
+    checked out of its client until ``close()``, so a leaked one is visible in
+    ``UpstreamClient.checked_out``.
     """
 
-    __slots__ = ("_client", "_consumed", "closed", "raw")
+    __slots__ = ("_client", "_consumed", "_pool", "closed", "conn", "fp")
 
-    def __init__(self, raw: HTTPResponse, client: UpstreamClient | None = None) -> None:
-        self.raw = raw
+    def __init__(self, fp: http.client.HTTPResponse, conn: Any, pool: Any,
+                 client: UpstreamClient | None = None) -> None:
+        self.fp = fp
+        self.conn = conn
+        self._pool = pool
         self._consumed = False
         self.closed = False
         self._client = client
@@ -76,25 +84,24 @@ class UpstreamResponse:
 
     @property
     def status_code(self) -> int:
-        return self.raw.status
+        return self.fp.status
 
     @property
     def headers(self) -> Any:
-        return self.raw.headers  # case-insensitive
+        return self.fp.headers  # case-insensitive (pipeline.wire.Head)
 
     @property
     def content(self) -> bytes:
         """The whole body (decoded of any transfer encoding, not of content encoding)."""
-        data = self.raw.read()
+        data = self.fp.read()
         self._consumed = True
         return data
 
     def read1(self, size: int = 65536) -> bytes:
         """What has arrived of the body (at least one byte, at most one HTTP chunk), b"" at its
-        end. Read through http.client's response, which decodes chunked framing in one call,
-        rather than urllib3's chunk generator."""
-        fp = self.raw._fp  # the http.client response urllib3 wraps
-        data = fp.read1(size) if fp is not None and not fp.isclosed() else b""
+        end: http.client decodes chunked framing in one call."""
+        fp = self.fp
+        data = fp.read1(size) if not fp.isclosed() else b""
         if not data:
             self._consumed = True
         return data
@@ -116,7 +123,12 @@ class UpstreamResponse:
 
     def socket(self) -> Any:
         """The connection's socket (None once it is gone)."""
-        return getattr(self.raw.connection, "sock", None)
+        return self.conn.sock
+
+    def abort(self) -> None:
+        """Drop the connection now (a greenlet blocked reading it gets an error)."""
+        self.fp.close()
+        self.conn.close()
 
     def close(self) -> None:
         """Keep the connection for reuse if the body was read to its end, else drop it."""
@@ -125,9 +137,11 @@ class UpstreamResponse:
         self.closed = True
         if self._client is not None:
             self._client.checked_out -= 1
-        if not self._consumed:
-            self.raw.close()  # the node sees the client go away
-        self.raw.release_conn()
+        conn = self.conn
+        if not self._consumed or self.fp.will_close or conn.sock is None:
+            self.abort()  # the node sees the client go away
+            conn = None
+        self._pool._put_conn(conn)  # a closed connection's place comes back empty
 
 
 class UpstreamClient:
@@ -140,7 +154,6 @@ class UpstreamClient:
     def __init__(self) -> None:
         self._adapters: dict[str, tuple[int, HTTPAdapter, Any]] = {}
         self.checked_out = 0  # responses handed out and not yet closed
-        self._timeouts: dict[tuple[float, float | None], Timeout] = {}
 
     def _pool(self, base_url: str, pool_size: int | None) -> Any:
         """The node's pool; ``pool_size`` None (probes, fan-outs) keeps whatever size it has."""
@@ -158,16 +171,6 @@ class UpstreamClient:
         self._adapters[base_url] = (size, adapter, pool)
         return pool
 
-    def _timeout(self, connect: float, read: float | None) -> Timeout:
-        """urllib3 validates every Timeout it is given: build each pair once."""
-        key = (connect, read)
-        timeout = self._timeouts.get(key)
-        if timeout is None:
-            if len(self._timeouts) > 64:
-                self._timeouts.clear()
-            timeout = self._timeouts[key] = Timeout(connect=connect, read=read)
-        return timeout
-
     def pool_size(self, base_url: str) -> int | None:
         """The size of the pool for a node URL (None before its first request)."""
         entry = self._adapters.get(base_url)
@@ -176,14 +179,28 @@ class UpstreamClient:
     def send(self, base_url: str, method: str, path: str, body: bytes | None,
              headers: dict[str, str], connect_timeout: float, read_timeout: float | None,
              pool_size: int | None = None) -> UpstreamResponse:
-        """Send one request; the body of the reply is left unread (streamed)."""
-        if body is not None:
-            headers = {**headers, "Content-Length": str(len(body))}
-        raw = self._pool(base_url, pool_size).urlopen(
-            method, path, body=body, headers=headers, retries=False, redirect=False,
-            assert_same_host=False, preload_content=False, decode_content=False,
-            release_conn=False, timeout=self._timeout(connect_timeout, read_timeout))
-        return UpstreamResponse(raw, self)
+        """Send one request on a connection of the node's pool; the reply's body is left
+        unread (streamed).
+
+        The pool lends the connection (a dropped idle one is reconnected) and takes it back
+        when the response is closed. Nothing in between is urllib3's ``urlopen``: it would
+        retry, redirect, re-validate the timeout and wrap the reply, none of which a proxy
+        that sends each request once wants (see the module docstring).
+        """
+        pool = self._pool(base_url, pool_size)
+        conn = pool._get_conn()
+        try:
+            conn.timeout = connect_timeout
+            conn.request(method, path, body=body, headers=headers)  # connects if it must
+            conn.timeout = read_timeout
+            conn.sock.settimeout(read_timeout)
+            conn._response_options = None
+            fp = http.client.HTTPConnection.getresponse(conn)
+        except BaseException:
+            conn.close()
+            pool._put_conn(None)
+            raise
+        return UpstreamResponse(fp, conn, pool, self)
 
     def get_json(self, base_url: str, path: str, connect_timeout: float,
                  read_timeout: float) -> object:

@@ -62,6 +62,10 @@ class Head(http.client.HTTPMessage):
     def __len__(self) -> int:
         return len(self._headers)
 
+    def getlist(self, name: str) -> list[str]:
+        """Every value of a header, as urllib3's header dict answers it."""
+        return self.get_all(name) or []
+
 
 def read_head(fp: Any) -> Head:
     """Header lines up to the blank line (http.client's limits), folded lines joined."""
