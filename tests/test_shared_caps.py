@@ -9,27 +9,17 @@ believe.
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import subprocess
-import sys
 import time
-from collections import Counter
-from pathlib import Path
-from typing import Any
 
 import gevent
 import requests
-import yaml
 
 from pipeline.shared.fallback import allowance, share
 from pipeline.shared.leases import FULL, GRANTED, RedisLeases
 from tests.redisserver import free_port, needs_redis
+from tests.sharedprocs import SHARED, ApplianceProc, Load, write_config
 from tests.waiting import wait_until
-
-SHARED = {"leaseTtlMs": 2000, "heartbeatMs": 250, "timeoutMs": 100, "localGraceMs": 1000}
-
 
 # --- local shares ------------------------------------------------------------------------------
 
@@ -168,101 +158,12 @@ def test_one_appliance_without_redis_has_no_shared_state(fake_node, appliance):
 
 # --- the invariant: two appliance processes, Redis failing under load --------------------------
 
-class ApplianceProc:
-    """``python -m app CONFIG`` with its log in a file (an unread pipe would block it)."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
-        self.log = log
-        self.out = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.p = subprocess.Popen([sys.executable, "-m", "app", str(config)], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=self.out)
-        self.url = ""
-        self.killed = False
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") == name:
-                out.append(event)
-        return out
-
-    def wait_started(self) -> None:
-        assert wait_until(lambda: self.events("started") or self.p.poll() is not None, 20)
-        started = self.events("started")
-        assert started, f"appliance did not start: {self.log.read_text()[-2000:]}"
-        self.url = f"http://127.0.0.1:{started[0]['port']}"
-
-    def mode(self) -> str:
-        return requests.get(f"{self.url}/health", timeout=2).json()["sharedState"]["mode"]
-
-    def held(self) -> dict[str, int]:
-        return requests.get(f"{self.url}/health", timeout=2).json()["sharedState"]["leasesHeld"]
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.kill()
-        self.p.wait(10)
-        self.out.close()
-
-
-def _config(path: Path, nodes: list[Any], caps: list[int], redis_url: str) -> Path:
-    cfg = {"server": {"host": "127.0.0.1", "port": 0, "drainSeconds": 1},
-           "nodes": [{"id": f"n{i}", "url": n.url, "maxConcurrentRequests": c}
-                     for i, (n, c) in enumerate(zip(nodes, caps, strict=True))],
-           "healthCheck": {"intervalMs": 500, "modelRefreshMs": 1000},
-           "disruptor": {"queueTimeoutMs": 5000},
-           "timeouts": {"requestTimeoutMs": 8000},
-           "retry": {"initialBackoffMs": 5, "maxBackoffMs": 20},
-           "logging": {"level": "WARNING"},
-           "sharedState": {"redisUrl": redis_url, **SHARED}}
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-class Load:
-    """Closed-loop clients, each on its own appliance until that one is gone."""
-
-    def __init__(self, procs: list[ApplianceProc], clients: int) -> None:
-        self.procs = procs
-        self.outcomes: Counter[str] = Counter()
-        self.running = True
-        self.group = gevent.pool.Group()
-        for k in range(clients):
-            self.group.spawn(self._client, k)
-
-    def _client(self, k: int) -> None:
-        session = requests.Session()
-        while self.running:
-            alive = [p for p in self.procs if not p.killed]
-            target = alive[k % len(alive)]
-            try:
-                status = session.post(f"{target.url}/api/generate", json={
-                    "model": "tiny", "prompt": "hi", "stream": False}, timeout=10).status_code
-                self.outcomes[str(status)] += 1
-            except requests.ConnectionError:
-                # only a killed appliance may drop a connection
-                self.outcomes["killed" if target.killed else "dropped"] += 1
-                gevent.sleep(0.01)
-            except requests.Timeout:
-                self.outcomes["unanswered"] += 1
-
-    def stop(self) -> None:
-        self.running = False
-        self.group.join(timeout=15)
-        self.group.kill()
-
-
 @needs_redis
 def test_no_node_ever_gets_more_than_its_cap_while_redis_and_an_instance_fail(
         redis_proc, fake_node, tmp_path):
     caps = [3, 2]
     nodes = [fake_node(["tiny"], profile="fast", decode_tps=100.0) for _ in caps]
-    config = _config(tmp_path / "lb.yaml", nodes, caps, redis_proc.url)
+    config = write_config(tmp_path / "lb.yaml", nodes, caps, redis_proc.url)
     procs = [ApplianceProc(config, tmp_path / f"a{i}.log") for i in range(2)]
     load = None
     try:
