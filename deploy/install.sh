@@ -16,14 +16,28 @@
 #                     up within a second, without a restart
 #   --workers N|auto  N worker processes on the port, sharing node caps through a local
 #                     redis-server on a Unix socket (installed and started here)
+#   --ha              keepalived (VRRP): a floating address shared with a peer VM, moved when
+#                     this appliance fails its /health/ready check (deploy/README.md)
+#   --ha-vip ADDR/PREFIX  the floating address; twice for active/active (two VRRP instances,
+#                     one VIP normally on each VM)
+#   --ha-role primary|secondary  primary: priority 150 on the first VIP (100 on the second);
+#                     secondary: the reverse. One VM of each.
+#   --ha-peer ADDR    the other VM's address: VRRP by unicast (repeatable; clouds without
+#                     multicast); without it, multicast
+#   --ha-interface IF the VIPs' interface (default: the default route's)
+#   --ha-src ADDR     unicast source (default: the interface's first address)
+#   --ha-vrid N       virtual_router_id of the first VIP, 1-254, unique on the segment
+#                     (default 51; a second VIP uses N+1)
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
 # shellcheck source-path=SCRIPTDIR source=workers.sh
 . "$(dirname "$0")/workers.sh"
+# shellcheck source-path=SCRIPTDIR source=ha.sh
+. "$(dirname "$0")/ha.sh"
 
 WHEEL="" WHEELHOUSE="" START=1 CERT="" KEY="" CLIENT_CA="" TLS_ONLY=0
-WORKERS=""
+WORKERS="" HA=0
 while [ $# -gt 0 ]; do
     case $1 in
         --wheel) WHEEL=${2:?--wheel needs a file}; shift 2 ;;
@@ -34,7 +48,14 @@ while [ $# -gt 0 ]; do
         --tls-client-ca) CLIENT_CA=${2:?--tls-client-ca needs a file}; shift 2 ;;
         --tls-only) TLS_ONLY=1; shift ;;
         --workers) WORKERS=${2:?--workers needs a number or auto}; shift 2 ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        --ha) HA=1; shift ;;
+        --ha-vip) HA_VIPS+=("${2:?--ha-vip needs ADDR/PREFIX}"); shift 2 ;;
+        --ha-role) HA_ROLE=${2:?--ha-role needs primary or secondary}; shift 2 ;;
+        --ha-peer) HA_PEERS+=("${2:?--ha-peer needs an address}"); shift 2 ;;
+        --ha-interface) HA_IF=${2:?--ha-interface needs an interface}; shift 2 ;;
+        --ha-src) HA_SRC=${2:?--ha-src needs an address}; shift 2 ;;
+        --ha-vrid) HA_VRID=${2:?--ha-vrid needs 1-254}; shift 2 ;;
+        -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
@@ -43,6 +64,11 @@ if { [ -n "$CERT" ] || [ -n "$KEY" ]; } && { [ -z "$CERT" ] || [ -z "$KEY" ]; };
     die "--tls-cert and --tls-key go together"
 fi
 [ -z "$CLIENT_CA" ] || [ -n "$CERT" ] || die "--tls-client-ca needs --tls-cert and --tls-key"
+if [ "$HA" -eq 1 ]; then
+    check_ha_options
+elif [ ${#HA_VIPS[@]} -gt 0 ] || [ -n "$HA_ROLE$HA_IF$HA_SRC" ] || [ ${#HA_PEERS[@]} -gt 0 ]; then
+    die "the --ha-* options go with --ha"
+fi
 
 # A certificate renewal: the files only; the service reloads them itself.
 if [ "$TLS_ONLY" -eq 1 ]; then
@@ -139,10 +165,16 @@ if [ "$START" -eq 1 ]; then
     fi
     wait_healthy 30 || die "the service did not become healthy: journalctl -u $SERVICE"
 fi
+# 7. The floating address (--ha), once the appliance is healthy: the check passes at once.
+[ "$HA" -eq 0 ] || setup_ha "$CURRENT" "$START"
 
 tls_state="off: plain HTTP (install.sh --tls-cert F --tls-key F turns HTTPS on)"
 if [ -n "$(config_tls_cert "$CURRENT")" ]; then
     tls_state="HTTPS, files in $TLS_DIR (renew: install.sh --tls-only --tls-cert F --tls-key F)"
+fi
+ha_state="off (install.sh --ha ...: deploy/README.md, \"Two VMs, one address\")"
+if [ -f "$HA_SUM" ]; then
+    ha_state="keepalived, $KEEPALIVED_CONF (journalctl -u keepalived; ip -o addr show)"
 fi
 cat <<INFO
 
@@ -155,5 +187,6 @@ ollama-lb $(wheel_version "$WHEEL") is installed.
   socket:   $SOCKET listens (address from $CONFIG; after changing server.host/port, run
             install.sh again); restarts and upgrades refuse no connection
   health:   $(health_url)
+  ha:       $ha_state
   upgrade:  deploy/upgrade.sh --wheel NEW.whl; rollback: deploy/rollback.sh
 INFO

@@ -8,13 +8,17 @@ REDIS_SOCK=/run/ollama-lb-redis/redis.sock
 WORKERS_DROPIN=/etc/systemd/system/ollama-lb.service.d/redis.conf
 
 # Install redis-server (Debian package), our own instance of it on a Unix socket, and order
-# the appliance after it. The package's default instance (127.0.0.1:6379) is left alone.
+# the appliance after it. The package's default instance (127.0.0.1:6379, no password) is
+# stopped and disabled when the package is installed here for us; one that was there before
+# is someone else's and left alone.
 install_local_redis() {
     if ! command -v redis-server >/dev/null 2>&1; then
         say "installing redis-server (the workers share node caps through it)"
         DEBIAN_FRONTEND=noninteractive apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
             redis-server
+        systemctl disable --now --quiet redis-server.service 2>/dev/null || true
+        say "the package's own redis-server.service (127.0.0.1:6379) is not needed: disabled"
     fi
     install -m 0644 "$DEPLOY_DIR/ollama-lb-redis.service" "$REDIS_UNIT"
     install -d -m 0755 "$(dirname "$WORKERS_DROPIN")"
@@ -58,5 +62,22 @@ setup_workers() {
         warn "$CONFIG is kept as it is; for $n workers it needs (then run install.sh again):"
         printf 'server:\n  workers: %s\nsharedState:\n  redisUrl: unix://%s\n' \
             "$n" "$REDIS_SOCK" >&2
+    fi
+}
+
+# uninstall_workers PURGE: the local Redis's unit and the appliance's drop-in for it (the
+# redis-server package stays, like the other packages install.sh added). The drop-in
+# directory goes only if nothing else is in it, or with PURGE=1 (an operator's overrides).
+uninstall_workers() {
+    if [ -f "$REDIS_UNIT" ]; then
+        systemctl disable --now --quiet ollama-lb-redis.service 2>/dev/null || true
+        rm -f "$REDIS_UNIT"
+        say "removed ollama-lb-redis.service"
+    fi
+    rm -f "$WORKERS_DROPIN"
+    if [ "$1" -eq 1 ]; then
+        rm -rf "$(dirname "$WORKERS_DROPIN")"
+    else
+        rmdir "$(dirname "$WORKERS_DROPIN")" 2>/dev/null || true
     fi
 }

@@ -85,7 +85,7 @@ def holds_vip(side: str) -> bool:
 def render(tmp: Path, side: str, priority: int) -> Path:
     text = string.Template((DEPLOY / "keepalived.conf.template").read_text()).substitute(
         ROUTER_ID=f"lb-{side}", CHECK=str(DEPLOY / "check_ollama_lb.sh"), PORT="8080",
-        CHECK_INTERVAL="0.5", STATE="BACKUP", INTERFACE=f"vk{side}", VRID="51",
+        SCHEME="http", CHECK_INTERVAL="0.5", STATE="BACKUP", INTERFACE=f"vk{side}", VRID="51",
         PRIORITY=str(priority), ADVERT=str(ADVERT), SRC_IP=ADDR[side],
         PEER_IP=ADDR["b" if side == "a" else "a"], VIP=f"{VIP}/24")
     path = tmp / f"keepalived-{side}.conf"
