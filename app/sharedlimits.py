@@ -100,6 +100,10 @@ class SharedLimits:
         self._running = True
         self._show_mode()
         self._join()
+        if self.mode is Mode.LOCAL:  # _lose() logs changes only: say it once here
+            log.warning("shared limits: Redis unreachable at start, each instance limits "
+                        "on its own", extra={"event": "shared_limits_mode", "from": None,
+                                             "to": "local", "instance": self.me})
         self._greenlet = gevent.spawn(self._loop)
         inner = factory.operations.shared_status
         factory.operations.shared_status = lambda: {**(inner() if inner else {}),
@@ -150,11 +154,13 @@ class SharedLimits:
                 day: int) -> tuple[int | None, int]:
         if lease is not None:
             self.pending.setdefault(principal, set()).add(lease)
-        try:
-            code, value = self.store.admit(
-                self.epoch, principal, lease or "", self.settings().leaseTtlMs,
-                limits.requestsPerMinute or 0, limits.maxConcurrent or 0,
-                limits.tokensPerDay or 0, counts, day)
+        s = self.settings()
+        try:  # one bound for all of it: a free connection, (re)loading the script, the reply
+            with gevent.Timeout(s.timeoutMs / 1000.0, redis.TimeoutError):
+                code, value = self.store.admit(
+                    self.epoch, principal, lease or "", s.leaseTtlMs,
+                    limits.requestsPerMinute or 0, limits.maxConcurrent or 0,
+                    limits.tokensPerDay or 0, counts, day)
         except redis.RedisError as exc:
             self._error("limits_admit", exc)
             return None, 0

@@ -30,7 +30,7 @@ import yaml
 from app.keys import hash_key, new_key
 from app.security import Security
 from pipeline.shared.quotas import RedisQuotas
-from tests.redisserver import needs_redis
+from tests.redisserver import free_port, needs_redis
 from tests.waiting import wait_until
 
 TEAM, ROOT = new_key(), new_key()
@@ -251,6 +251,16 @@ def _json(line: str) -> dict:
     except ValueError:
         return {}
     return doc if isinstance(doc, dict) else {}
+
+
+def test_redis_unreachable_from_the_start_limits_locally_at_once(fake_node, appliance):
+    node = fake_node(["m"])
+    app = appliance([node], security=keys(requestsPerMinute=2, maxConcurrent=1),
+                    sharedState={"redisUrl": f"redis://127.0.0.1:{free_port()}/0", **SHARED})
+    assert limits_mode(app) == "local"
+    t0 = time.monotonic()
+    assert [generate(app).status_code for _ in range(3)] == [200, 200, 429]
+    assert time.monotonic() - t0 < 2  # no request waits on a Redis that is not there
 
 
 def _config(path: Path, node, redis_url: str) -> Path:
