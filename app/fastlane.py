@@ -9,7 +9,9 @@ read through proxies, no hook that changes the reply (CORS tags only requests wi
 ``Response`` object to build and take apart again. So the lane runs, in the same order as
 Flask would, the gate (``app/auth.py``) and the view's own function (``app/proxy.py``), and
 writes the reply straight to ``start_response``. A refusal or an error is a Flask
-``Response``, served as the WSGI app it is.
+``Response``, served as the WSGI app it is. The lane sits outside the meter (``app/meter.py``)
+that wraps Flask, and meters what it answers itself: it knows the reply's status and type
+without watching ``start_response``, and a request without a grant costs nothing there.
 
 An exception in the view is answered as Flask's error handlers answer it: an HTTP error (a
 body that arrives too slowly: 408) in the API's error shape, anything else logged and a 500.
@@ -22,11 +24,13 @@ from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any
 
+from flask import Response
 from werkzeug.exceptions import HTTPException
 
 from app import proxy
 from app.auth import Route, gate
 from app.errors import error_body, http_error_response, json_response
+from app.meter import GRANT, Metered
 from app.security import Security
 from pipeline.factory import PipelineFactory
 
@@ -52,24 +56,40 @@ class FastLane:
         self.inner = inner
         self.factory = factory  # the live factory (the app's extension)
         self.sec = sec
+        self.finish = sec.finish  # the end of an admitted request's accounting (app/meter.py)
         #: path -> the gate's view of the route, as Flask's router would have matched it
         self.routes = {path: Route(f"ollama.{path}", path, None) for path in proxy.MODEL_ROUTED}
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
                  ) -> Iterable[bytes]:
-        route = self.routes.get(environ["PATH_INFO"])
+        path = environ["PATH_INFO"]
+        route = self.routes.get(path)
         if route is None or environ["REQUEST_METHOD"] != "POST" or "HTTP_ORIGIN" in environ:
             return self.inner(environ, start_response)
         try:
-            out = gate(environ, route, self.sec) or proxy.proxied(environ, self.factory())
-        except HTTPException as exc:  # what Flask's error handlers would answer
-            out = http_error_response(exc, environ["PATH_INFO"])
-        except Exception as exc:
-            log.exception("unhandled error", extra={"event": "http_error",
-                                                    "path": environ["PATH_INFO"]})
-            out = json_response(error_body(500, f"internal error: {exc}", environ["PATH_INFO"]),
-                                500)
+            out = self._answer(environ, route, path)
+        except BaseException:  # the greenlet killed: the admitted request still ends once
+            grant = environ.pop(GRANT, None)
+            if grant is not None:
+                self.finish(Metered((), grant, 500, "", path, self.finish))
+            raise
+        grant = environ.pop(GRANT, None)  # the meter around Flask is not passed through
         if isinstance(out, proxy.Reply):
             start_response(STATUS_LINES.get(out.status) or status_line(out.status), out.headers)
-            return out.body
-        return out(environ, start_response)
+            status, ctype, body = out.status, out.content_type, out.body
+        else:
+            status, ctype = out.status_code, out.headers.get("Content-Type", "")
+            body = out(environ, start_response)
+        if grant is None:
+            return body
+        return Metered(body, grant, status, ctype, path, self.finish)
+
+    def _answer(self, environ: dict[str, Any], route: Route, path: str
+                ) -> proxy.Reply | Response:
+        try:
+            return gate(environ, route, self.sec) or proxy.proxied(environ, self.factory())
+        except HTTPException as exc:  # what Flask's error handlers would answer
+            return http_error_response(exc, path)
+        except Exception as exc:
+            log.exception("unhandled error", extra={"event": "http_error", "path": path})
+            return json_response(error_body(500, f"internal error: {exc}", path), 500)

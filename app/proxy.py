@@ -60,8 +60,12 @@ class Reply(NamedTuple):
     what the Flask view turns into a ``Response``."""
 
     status: int
-    headers: list[tuple[str, str]]
+    headers: list[tuple[str, str]]  # Content-Type first
     body: Iterable[bytes]
+
+    @property
+    def content_type(self) -> str:
+        return self.headers[0][1]
 
     def response(self) -> Response:
         return Response(self.body, status=self.status, headers=self.headers,

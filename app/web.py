@@ -28,10 +28,10 @@ def create_app(factory: PipelineFactory, reload_state: Any = None) -> Flask:
     app.register_blueprint(models_admin.bp)  # GET /admin/models: placement (reconciler)
     cors.install(app, lambda: app.extensions["ollama_lb"].config.server.allowedOrigins)
     sec = Security.of(factory)
-    # model-routed POSTs skip Flask's request cycle; inside the meter, like the whole app
+    auth.install(app, sec)  # after CORS: a preflight carries no key
+    # model-routed POSTs skip Flask's request cycle (and meter themselves)
     app.wsgi_app = FastLane(app.wsgi_app,  # type: ignore[method-assign]
                             lambda: app.extensions["ollama_lb"], sec)
-    auth.install(app, sec)  # after CORS: a preflight carries no key
     exposure(factory.config, factory.config.server.host)
 
     @app.errorhandler(HTTPException)

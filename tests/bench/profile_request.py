@@ -10,7 +10,7 @@ with ``greenlet.settrace`` counting every switch. Then the same N run unprofiled
 request (appliance and client together; the node is not counted). Usage:
 
   .venv/bin/python tests/bench/profile_request.py [--path /v1/chat/completions]
-      [--requests 300] [--top 25] [--dump out.prof] [--json out.json]
+      [--requests 300] [--top 25] [--dump out.prof] [--json out.json] [--key [--models]]
 
 The ``.prof`` file opens in ``snakeviz`` or ``python -m pstats``. For a sampling profile of
 the appliance as a server, under wrk, use py-spy instead (see tests/bench/performance.md).
@@ -24,6 +24,7 @@ monkey.patch_all(thread=False, queue=False, select=False)
 import argparse
 import collections
 import cProfile
+import hashlib
 import io
 import json
 import pstats
@@ -55,11 +56,15 @@ def body_for(path: str) -> bytes:
     return json.dumps({"model": "m", "prompt": "hi", "stream": False}).encode()
 
 
-def raw_client(port: int, path: str, n: int) -> None:
+KEY = "profile-key-0123456789abcdef0123456789abcdef"
+
+
+def raw_client(port: int, path: str, n: int, key: str | None = None) -> None:
     """``n`` sequential POSTs on one kept-alive connection, each reply read whole."""
     body = body_for(path)
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
     req = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-           f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+           f"{auth}Content-Length: {len(body)}\r\n\r\n").encode() + body
     with socket.create_connection(("127.0.0.1", port)) as s:
         f = s.makefile("rb")
         for _ in range(n):
@@ -74,8 +79,17 @@ def raw_client(port: int, path: str, n: int) -> None:
             f.read(length)
 
 
-def start_appliance(node_url: str) -> OllamaLoadBalancerApplication:
-    cfg = parse_config({
+def key_entry(models: bool) -> dict[str, Any]:
+    """A key as scenario 6 of the harness configures it (a bucket taken from, never refusing)."""
+    entry: dict[str, Any] = {"name": "profile", "scopes": ["inference"],
+                             "hash": "sha256:" + hashlib.sha256(KEY.encode()).hexdigest(),
+                             "requestsPerMinute": 10_000_000}
+    return entry | ({"models": ["m*"]} if models else {})
+
+
+def start_appliance(node_url: str, key: dict[str, Any] | None = None
+                    ) -> OllamaLoadBalancerApplication:
+    cfg = parse_config({**({"security": {"apiKeys": [key]}} if key else {}),
         "server": {"host": "127.0.0.1", "port": 0},
         "nodes": [{"id": "n0", "url": node_url, "models": ["m"], "maxConcurrentRequests": 64}],
         "healthCheck": {"enabled": False, "discovery": False},
@@ -83,7 +97,7 @@ def start_appliance(node_url: str) -> OllamaLoadBalancerApplication:
     return OllamaLoadBalancerApplication(cfg, watch=False, health_checks=False).start()
 
 
-def profiled(port: int, path: str, n: int) -> tuple[pstats.Stats, int, float]:
+def profiled(port: int, path: str, n: int, key: str | None) -> tuple[pstats.Stats, int, float]:
     """The profile of ``n`` requests, the greenlet switches they took, and their CPU."""
     switches = [0]
 
@@ -95,7 +109,7 @@ def profiled(port: int, path: str, n: int) -> tuple[pstats.Stats, int, float]:
     prof.enable()
     t0 = time.process_time()
     try:
-        raw_client(port, path, n)
+        raw_client(port, path, n, key)
     finally:
         cpu = time.process_time() - t0
         prof.disable()
@@ -140,20 +154,25 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=25, help="functions listed by own time")
     ap.add_argument("--dump", help="write the cProfile data here")
     ap.add_argument("--json", help="write the summary here")
+    ap.add_argument("--key", action="store_true", help="an API key on every request")
+    ap.add_argument("--models", action="store_true", help="the key has a models allow-list")
     args = ap.parse_args()
+    key = KEY if args.key or args.models else None
     node = procs.fake_node("m", "fast", num_parallel=64)
-    app = start_appliance(node.url)
+    app = start_appliance(node.url, key_entry(args.models) if key else None)
     try:
-        raw_client(app.port, args.path, 50)  # warm-up: connection pools, caches, imports
-        stats, switches, cpu = profiled(app.port, args.path, args.requests)
+        raw_client(app.port, args.path, 50, key)  # warm-up: connection pools, caches, imports
+        stats, switches, cpu = profiled(app.port, args.path, args.requests, key)
         t0 = time.process_time()
-        raw_client(app.port, args.path, args.requests)
+        raw_client(app.port, args.path, args.requests, key)
         plain = (time.process_time() - t0) / args.requests * 1e6
     finally:
         app.shutdown(drain_s=0)
         node.stop()
-    out = summary(stats, switches, cpu, args.requests) | {"cpu_us_per_request": plain,
-                                                          "path": args.path}
+    out = summary(stats, switches, cpu, args.requests) | {
+        "cpu_us_per_request": plain,
+        "path": args.path + (" with a key" if key else "") + (" (models list)" if args.models
+                                                              else "")}
     if args.dump:
         stats.dump_stats(args.dump)
     if args.json:
