@@ -127,15 +127,19 @@ class ClientHandler(WSGIHandler):
         try:
             left = self.accepted_at + head_s - time.monotonic()
             self.socket.settimeout(max(left, 0.001) if first else s.keepAliveTimeoutMs / 1000.0)
-            if not self.rfile.peek(1):
+            arrived = self.rfile.peek(1)
+            if not arrived:
                 return ""  # EOF
         except OSError:  # nothing sent in time, or a reset: closed without a word
             return ""
         finally:
             self.idle = False
-        start = self.accepted_at if first else time.monotonic()
-        self.head_timer = gevent.Timeout.start_new(
-            max(start + head_s - time.monotonic(), 0.001), Deadline)
+        if b"\r\n\r\n" not in arrived and b"\n\n" not in arrived:
+            # the head is still coming: it has until the deadline (a whole head already
+            # read into the buffer cannot stall, so it needs no timer)
+            start = self.accepted_at if first else time.monotonic()
+            self.head_timer = gevent.Timeout.start_new(
+                max(start + head_s - time.monotonic(), 0.001), Deadline)
         self.socket.settimeout(s.writeTimeoutMs / 1000.0)
         self.requests_read += 1
         line = self.rfile.readline(s.maxRequestLineBytes + 1)
