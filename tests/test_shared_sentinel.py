@@ -3,7 +3,8 @@
 Real parts only: a real ``redis-server`` master and replica and a real Sentinel
 (``redis-server --sentinel``, the same Debian package) on free loopback ports. The appliance
 asks the sentinel for the master; the test makes the sentinel fail over to the replica and
-checks that both appliances follow the master the sentinel names, with the cap still exact.
+checks, under load, that both appliances follow the master the sentinel names, with the cap
+still exact and every request answered.
 """
 
 from __future__ import annotations
@@ -110,6 +111,29 @@ def _batch(urls: list[str], n: int) -> list[int]:
     return [j.value for j in jobs]
 
 
+class _Load:
+    """Closed-loop clients on both appliances until ``stop()`` (bounded: 10 s a request)."""
+
+    def __init__(self, urls: list[str], clients: int) -> None:
+        self.statuses: list[int | str] = []
+        self.running = True
+        self.jobs = [gevent.spawn(self._client, urls[k % len(urls)]) for k in range(clients)]
+
+    def _client(self, url: str) -> None:
+        with requests.Session() as session:
+            while self.running:
+                try:
+                    self.statuses.append(session.post(f"{url}/api/generate", json={
+                        "model": "tiny", "prompt": "hi", "stream": False},
+                        timeout=10).status_code)
+                except requests.RequestException as exc:
+                    self.statuses.append(type(exc).__name__)
+
+    def stop(self) -> None:
+        self.running = False
+        gevent.joinall(self.jobs, timeout=15)
+
+
 @pytest.mark.skipif(REDIS is None, reason="redis-server is not installed")
 def test_two_appliances_follow_a_sentinel_failover_with_the_cap_exact(
         redis_proc, fake_node, appliance, tmp_path):
@@ -129,6 +153,7 @@ def test_two_appliances_follow_a_sentinel_failover_with_the_cap_exact(
         assert node.stats.max_active == 2
 
         changes_before = [_changes(a) for a in apps]
+        load = _Load(urls, clients=8)  # the failover happens under load
         t0 = time.monotonic()
         assert sentinel.command("SENTINEL", "FAILOVER", SentinelProc.MASTER_NAME) == b"+OK\r\n"
         assert wait_until(lambda: sentinel.master_port() == replica.port, timeout=10)
@@ -140,12 +165,17 @@ def test_two_appliances_follow_a_sentinel_failover_with_the_cap_exact(
                 and a.factory.shared.mode == "shared" for a in apps), timeout=10)
             followed_s = time.monotonic() - t0
             changes = [_changes(a) - b for a, b in zip(apps, changes_before, strict=True)]
+            served = len(load.statuses)
+            assert wait_until(lambda: len(load.statuses) >= served + 20, timeout=5)
+            load.stop()
             print(f"both instances shared on the new master {followed_s:.2f} s after "
-                  f"SENTINEL FAILOVER; mode changes {changes}")
+                  f"SENTINEL FAILOVER; mode changes {changes}; {len(load.statuses)} requests")
+            assert set(load.statuses) == {200}, load.statuses
             assert _batch(urls, 12) == [200] * 12
             assert node.stats.max_active == 2, "a node got more than its cap"
             assert new_master.exists("{lb}:epoch")
         finally:
+            load.stop()
             new_master.close()
     finally:
         sentinel.stop()

@@ -223,7 +223,7 @@ class SharedCaps:
     def _error(self, op: str, exc: Exception) -> None:
         if self.metrics is not None:
             self.metrics.redis_errors.labels(op).inc()
-        self._lose(f"Redis {op} failed: {exc}")
+        self._lose(f"Redis {op} failed: {str(exc)[:200]}")  # Sentinel's errors hold reprs
 
     def _holdings(self) -> list[tuple[str, list[str], list[str]]]:
         held: dict[str, list[str]] = {n.id: [] for n in self.registry.all_nodes()}
