@@ -21,7 +21,7 @@ import requests
 from pipeline.config import ConfigError, parse_config
 from pipeline.config_shared import parse_sentinel_url
 from pipeline.shared.leases import GRANTED, RedisLeases
-from tests.redisserver import REDIS, RedisProc, SentinelProc
+from tests.redisserver import RedisProc, SentinelProc
 from tests.waiting import wait_until
 
 SHARED = {"leaseTtlMs": 2000, "heartbeatMs": 250, "timeoutMs": 200, "localGraceMs": 1000}
@@ -134,52 +134,42 @@ class _Load:
         gevent.joinall(self.jobs, timeout=15)
 
 
-@pytest.mark.skipif(REDIS is None, reason="redis-server is not installed")
 def test_two_appliances_follow_a_sentinel_failover_with_the_cap_exact(
-        redis_proc, fake_node, appliance, tmp_path):
-    replica = RedisProc(replica_of=redis_proc).start()
-    sentinel = SentinelProc(redis_proc, tmp_path).start()
-    try:
-        # the sentinel learns of the replica from the master's INFO; the link must be up
-        assert wait_until(lambda: _link_up(replica.port), timeout=10)
-        assert wait_until(lambda: str(replica.port).encode() in sentinel.command(
-            "SENTINEL", "REPLICAS", SentinelProc.MASTER_NAME), timeout=15)
-        node = fake_node(["tiny"], profile="fast", decode_tps=200.0)
-        apps = [appliance([node], sharedState={"redisUrl": sentinel.url, **SHARED},
-                          node_overrides={0: {"maxConcurrentRequests": 2}}) for _ in range(2)]
-        urls = [f"http://127.0.0.1:{a.port}" for a in apps]
-        assert wait_until(lambda: all(a.factory.shared.mode == "shared" for a in apps), 5)
-        assert _batch(urls, 12) == [200] * 12
-        assert node.stats.max_active == 2
+        fake_node, appliance, replicated):
+    replica, sentinel = replicated
+    node = fake_node(["tiny"], profile="fast", decode_tps=200.0)
+    apps = [appliance([node], sharedState={"redisUrl": sentinel.url, **SHARED},
+                      node_overrides={0: {"maxConcurrentRequests": 2}}) for _ in range(2)]
+    urls = [f"http://127.0.0.1:{a.port}" for a in apps]
+    assert wait_until(lambda: all(a.factory.shared.mode == "shared" for a in apps), 5)
+    assert _batch(urls, 12) == [200] * 12
+    assert node.stats.max_active == 2
 
-        changes_before = [_changes(a) for a in apps]
-        load = _Load(urls, clients=8)  # the failover happens under load
+    changes_before = [_changes(a) for a in apps]
+    load = _Load(urls, clients=8)  # the failover happens under load
+    new_master = redis.Redis(port=replica.port)
+    try:
         t0 = time.monotonic()
         assert sentinel.command("SENTINEL", "FAILOVER", SentinelProc.MASTER_NAME) == b"+OK\r\n"
         assert wait_until(lambda: sentinel.master_port() == replica.port, timeout=10)
-        new_master = redis.Redis(port=replica.port)
-        try:
-            # both instances talk to the new master only, in shared mode again
-            assert wait_until(lambda: all(
-                a.factory.shared.store.pool.master_address == ("127.0.0.1", replica.port)
-                and a.factory.shared.mode == "shared" for a in apps), timeout=10)
-            followed_s = time.monotonic() - t0
-            changes = [_changes(a) - b for a, b in zip(apps, changes_before, strict=True)]
-            served = len(load.statuses)
-            assert wait_until(lambda: len(load.statuses) >= served + 20, timeout=5)
-            load.stop()
-            print(f"both instances shared on the new master {followed_s:.2f} s after "
-                  f"SENTINEL FAILOVER; mode changes {changes}; {len(load.statuses)} requests")
-            assert set(load.statuses) == {200}, load.statuses
-            assert _batch(urls, 12) == [200] * 12
-            assert node.stats.max_active == 2, "a node got more than its cap"
-            assert new_master.exists("{lb}:epoch")
-        finally:
-            load.stop()
-            new_master.close()
+        # both instances talk to the new master only, in shared mode again
+        assert wait_until(lambda: all(
+            a.factory.shared.store.pool.master_address == ("127.0.0.1", replica.port)
+            and a.factory.shared.mode == "shared" for a in apps), timeout=10)
+        followed_s = time.monotonic() - t0
+        changes = [_changes(a) - b for a, b in zip(apps, changes_before, strict=True)]
+        served = len(load.statuses)
+        assert wait_until(lambda: len(load.statuses) >= served + 20, timeout=5)
+        load.stop()
+        print(f"both instances shared on the new master {followed_s:.2f} s after "
+              f"SENTINEL FAILOVER; mode changes {changes}; {len(load.statuses)} requests")
+        assert set(load.statuses) == {200}, load.statuses
+        assert _batch(urls, 12) == [200] * 12
+        assert node.stats.max_active == 2, "a node got more than its cap"
+        assert new_master.exists("{lb}:epoch")
     finally:
-        sentinel.stop()
-        replica.stop()
+        load.stop()
+        new_master.close()
 
 
 def _changes(app: object) -> float:
@@ -198,3 +188,36 @@ def _link_up(port: int) -> bool:
         return False
     finally:
         client.close()
+
+
+@pytest.fixture
+def replicated(redis_proc: RedisProc, tmp_path: Path) -> Iterator[tuple[RedisProc, SentinelProc]]:
+    """A replica of ``redis_proc`` and a sentinel that knows both: ready to fail over."""
+    replica = RedisProc(replica_of=redis_proc).start()
+    sentinel = SentinelProc(redis_proc, tmp_path).start()
+    try:
+        assert wait_until(lambda: _link_up(replica.port), timeout=10)
+        assert wait_until(lambda: str(replica.port).encode() in sentinel.command(
+            "SENTINEL", "REPLICAS", SentinelProc.MASTER_NAME), timeout=15)
+        yield replica, sentinel
+    finally:
+        sentinel.stop()
+        replica.stop()
+
+
+def test_an_instance_leaves_the_old_master_on_the_sentinels_switch_not_a_heartbeat_later(
+        fake_node, appliance, replicated):
+    replica, sentinel = replicated
+    node = fake_node(["tiny"], profile="fast")
+    slow = {**SHARED, "heartbeatMs": 5000}  # a heartbeat alone would notice up to 5 s later
+    app = appliance([node], sharedState={"redisUrl": sentinel.url, **slow})
+    caps = app.factory.shared
+    assert wait_until(lambda: caps.mode == "rejoining", timeout=5)
+    assert _generate(f"http://127.0.0.1:{app.port}") == 200  # a connection to the master
+    assert caps.store.pool.master_address == ("127.0.0.1", sentinel.master.port)
+    assert sentinel.command("SENTINEL", "FAILOVER", SentinelProc.MASTER_NAME) == b"+OK\r\n"
+    t0 = time.monotonic()
+    assert wait_until(lambda: caps.store.pool.master_address == ("127.0.0.1", replica.port),
+                      timeout=4.5, step=0.01)
+    print(f"left the old master {time.monotonic() - t0:.2f} s after SENTINEL FAILOVER")
+    assert caps.mode == "local"  # and rejoins on the new master at its next heartbeat

@@ -88,7 +88,7 @@ class SharedCaps:
     def start(self) -> SharedCaps:
         self._running = True
         self._join()  # bounded by the Redis timeout; local shares if it fails
-        for loop in (self._heartbeat, self._releaser, self._wakeups):
+        for loop in (self._heartbeat, self._releaser, self._wakeups, self._switches):
             self.greenlets.spawn(loop)
         return self
 
@@ -323,6 +323,18 @@ class SharedCaps:
                         self._unblock(payload)
                     elif self.hints is not None:
                         self.hints.received(payload)
+            except redis.RedisError:
+                gevent.sleep(self.settings().heartbeatMs / 1000.0)
+
+    def _switches(self) -> None:
+        """Sentinel's ``+switch-master``: leave the old master now, not at the next heartbeat
+        (which would also see it, up to ``heartbeatMs`` later). Ends at once without one."""
+        while self._running and self.store.sentinel is not None:
+            wait = max(0.5, 2 * self.settings().heartbeatMs / 1000.0)
+            try:
+                for ours in self.store.switches(wait, lambda: self._running):
+                    if ours and self.mode is not Mode.LOCAL:
+                        self._check_master()
             except redis.RedisError:
                 gevent.sleep(self.settings().heartbeatMs / 1000.0)
 

@@ -32,6 +32,14 @@ def short_timeouts(timeout_s: float) -> dict[str, Any]:
             "retry": Retry(NoBackoff(), 0)}  # no retry: a caller falls back at once
 
 
+def sentinel_listener(sentinel: Sentinel, wait_s: float) -> redis.Redis:
+    """A client of the sentinel that answered last (discovery puts it first), with ``wait_s``
+    as its reply timeout: for a subscription to the sentinels' own events."""
+    kwargs = dict(sentinel.sentinels[0].connection_pool.connection_kwargs)
+    return redis.Redis(connection_pool=redis.ConnectionPool(**{**kwargs,
+                                                               "socket_timeout": wait_s}))
+
+
 def is_sentinel(url: str) -> bool:
     return url.lower().startswith(SENTINEL_SCHEME + "://")
 

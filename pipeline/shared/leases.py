@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from pipeline.shared.connect import connect
+from pipeline.shared.connect import connect, sentinel_listener
 from pipeline.shared.scripts import ACQUIRE, RENEW
 
 GRANTED, FULL, LOST = 1, -1, -2  # acquire results: a lease, the node full, Redis lost state
@@ -110,6 +110,30 @@ class RedisLeases:
         self.pool.get_master_address()  # the pool names the new master from now on
         self.generation += 1
         return f"{old[0]}:{old[1]} -> {named[0]}:{named[1]}"
+
+    def switches(self, wait_s: float, running: Callable[[], bool]) -> Iterator[bool]:
+        """Through Sentinel: True when a sentinel announces ``+switch-master`` for our master
+        (so it is asked at once, not at the next heartbeat), False every ``wait_s`` of
+        silence. Nothing without Sentinel. Ends when ``running()`` turns false; a RedisError
+        other than a timeout escapes, and the caller listens again later."""
+        if self.sentinel is None:
+            return
+        name = self.pool.service_name
+        client = sentinel_listener(self.sentinel, wait_s)
+        ps = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            ps.subscribe("+switch-master")
+            while running():
+                try:
+                    msg = ps.parse_response(block=True)
+                except redis.TimeoutError:
+                    yield False
+                    continue
+                if isinstance(msg, list) and len(msg) == 3 and msg[0] == b"message":
+                    yield msg[2].split(b" ", 1)[0].decode() == name
+        finally:
+            ps.close()
+            client.close()
 
     def hint(self, node_id: str, instance: str) -> None:
         """Tell every instance that this one's breaker for ``node_id`` opened: one round trip."""
