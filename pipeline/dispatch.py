@@ -1,6 +1,8 @@
-"""Dispatch: one greenlet per request talks to the node, retrying before the first byte.
+"""Dispatch: the node call of each request, off the ring, retrying before the first byte.
 
-The dispatch stage only spawns; the LLM call runs here, off the ring. What is retried, and
+The dispatch stage only hands the call over: to the caller's own greenlet when it is waiting
+in ``Ticket.result()`` (the usual case: it runs the call and writes the reply, with no
+greenlet spawned and no hop back), else to a greenlet of its own. What is retried, and
 where, is the retry policy's call (``pipeline/retry.py``); a started stream is handed to a
 ``StreamRelay``. Once a reply has started, a failure ends it with one error line.
 
@@ -97,6 +99,8 @@ class Dispatcher:
         if ticket.endpoint is not None and ticket.endpoint.loads_model and ticket.model:
             ticket.cold = ticket.model not in lease.node.loaded
             lease.node.mark_loaded(ticket.model)
+        if ticket.hand(self._run, lease, lambda: self._drop(ticket, lease)):
+            return  # the caller's greenlet runs the call: no greenlet of its own, no hop back
         g = self.calls.spawn(self._run, ticket, lease)
 
         def cancel() -> None:
@@ -107,6 +111,11 @@ class Dispatcher:
             self.ledger.finish(ticket, "CANCELLED")
 
         ticket.on_cancel = cancel
+
+    def _drop(self, ticket: Ticket, lease: Lease) -> None:
+        """A call handed to its caller, who left before starting it: give everything back."""
+        self.registry.release(lease)
+        self.ledger.finish(ticket, "CANCELLED")
 
     def _run(self, ticket: Ticket, lease: Lease) -> None:
         held: Lease | None = lease  # ours to give back until handed to a reply or stream

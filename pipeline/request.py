@@ -14,7 +14,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from gevent.event import AsyncResult
+from gevent import Timeout, get_hub
+from gevent.event import AsyncResult, Event
+from greenlet import getcurrent
 
 from pipeline.errors import ErrorCode, PipelineError
 
@@ -158,16 +160,20 @@ class Ticket:
     It also collects what the access log reports (node, attempts, queue wait, first byte).
     """
 
-    __slots__ = ("_result", "abandoned", "attempts", "cold", "deadline", "endpoint", "finished",
-                 "first_byte_at",
-                 "model", "model_raw", "node_id", "on_cancel", "queue_wait", "request",
-                 "status", "stream", "submitted_at", "tokens")
+    __slots__ = ("_go", "_result", "_wake", "abandoned", "attempts", "cold", "deadline",
+                 "endpoint", "finished", "first_byte_at", "model", "model_raw", "node_id",
+                 "on_cancel", "queue_wait", "request", "runner", "status", "stream",
+                 "submitted_at", "tokens", "waiting")
 
     def __init__(self, request: InferenceRequest, deadline: float) -> None:
         self.request = request
         self.submitted_at = time.monotonic()
         self.deadline = deadline
         self._result: AsyncResult = AsyncResult()
+        self._wake = Event()  # set with the result, or when a node call is handed over
+        self._go: tuple[Callable[[Ticket, Any], None], Any] | None = None
+        self.waiting = False  # a caller is blocked in result() (it can run the node call)
+        self.runner: Any = None  # the greenlet running the node call inside result()
         self.attempts = 0
         self.node_id: str | None = None
         self.model: str | None = None  # canonical, set by validation
@@ -188,32 +194,101 @@ class Ticket:
         if self._result.ready():
             return False
         self._result.set(result)
+        self._wake.set()
         return True
 
     def abandon(self, reason: str = "the client closed the connection") -> None:
-        """The caller is gone: wake its ``result()``, which then cancels the work.
+        """The caller is gone: wake its ``result()``, which then cancels the work; a node call
+        it is running is interrupted.
 
         Never blocks, so it may be called from a hub callback (a socket watcher).
         """
         if not self._result.ready():
             self.abandoned = True
-            self._result.set_exception(PipelineError(ErrorCode.CANCELLED, reason))
+            error = PipelineError(ErrorCode.CANCELLED, reason)
+            self._result.set_exception(error)
+            self._wake.set()
+            self.interrupt(error)
 
     def fail(self, error: PipelineError) -> None:
         if not self._result.ready():
             self._result.set_exception(error)
+            self._wake.set()
 
     def done(self) -> bool:
         return self._result.ready()
 
+    def hand(self, run: Callable[[Ticket, Any], None], lease: Any,
+             drop: Callable[[], None]) -> bool:
+        """Give the node call to the caller waiting in ``result()``, to run in its own greenlet
+        (no greenlet of its own, no hop back with the reply); False if nobody waits there.
+        ``drop`` gives the lease back if the caller leaves before it starts the call."""
+        if not self.waiting or self._result.ready():
+            return False
+        self._go = (run, lease)
+
+        def unclaimed() -> None:
+            if self._go is not None:
+                self._go = None
+                drop()
+
+        self.on_cancel = unclaimed
+        self._wake.set()
+        return True
+
+    def interrupt(self, error: PipelineError) -> None:
+        """Stop the node call running in ``result()``: ``error`` is raised where it waits.
+        Checked again when the hub delivers it, so it never lands after the call ended."""
+        runner = self.runner
+        if runner is None:
+            return
+
+        def throw() -> None:
+            if self.runner is runner:
+                runner.throw(error)
+
+        get_hub().loop.run_callback(throw)
+
     def result(self, timeout: float | None = None) -> Result:
-        """Wait for the reply; raise PipelineError on failure or TIMEOUT past the deadline."""
+        """Wait for the reply; raise PipelineError on failure or TIMEOUT past the deadline.
+
+        A node call handed over meanwhile (``hand``) runs here, under the same deadline, and
+        if it has to wait for capacity again (every node busy) the wait goes on.
+        """
         if timeout is None:
             timeout = max(0.0, self.deadline - time.monotonic()) + 1.0
-        self._result.wait(timeout)  # returns without raising, ready or not
+        expired = PipelineError(ErrorCode.TIMEOUT, "request timed out")
+        self.waiting = True
+        try:
+            with Timeout(timeout, expired):
+                while not self._result.ready():
+                    self._wake.wait()
+                    self._wake.clear()
+                    if self._go is not None and not self._result.ready():
+                        self._run_handed()
+        except PipelineError as err:
+            if err is not expired:
+                raise
+        finally:
+            self.waiting = False
         if not self._result.ready() or self.abandoned:
             self.cancel()
         return self._result.get(block=False)
+
+    def _run_handed(self) -> None:
+        assert self._go is not None
+        (run, lease), self._go = self._go, None
+        self.on_cancel = self._cancel_running
+        self.runner = getcurrent()
+        try:
+            run(self, lease)  # ends with the result set, or the request queued again
+        finally:
+            self.runner = None
+            if self.on_cancel == self._cancel_running:
+                self.on_cancel = None
+
+    def _cancel_running(self) -> None:
+        self.interrupt(PipelineError(ErrorCode.CANCELLED, "the caller went away"))
 
     def cancel(self) -> None:
         """The caller gave up: let the pipeline free whatever this request holds."""
