@@ -156,7 +156,8 @@ class SharedLimits:
             self.pending.setdefault(principal, set()).add(lease)
         s = self.settings()
         try:  # one bound for all of it: a free connection, (re)loading the script, the reply
-            with gevent.Timeout(s.timeoutMs / 1000.0, redis.TimeoutError):
+            with gevent.Timeout(s.timeoutMs / 1000.0, redis.TimeoutError(
+                    f"no answer within sharedState.timeoutMs ({s.timeoutMs} ms)")):
                 code, value = self.store.admit(
                     self.epoch, principal, lease or "", s.leaseTtlMs,
                     limits.requestsPerMinute or 0, limits.maxConcurrent or 0,
@@ -266,7 +267,9 @@ class SharedLimits:
         """One heartbeat: renew (or rejoin), and end the rejoin window when due."""
         if self.mode is Mode.LOCAL:
             self._join()
-        elif self._renew(join=False) and self.mode is Mode.REJOINING and (
+            return
+        idle = not (self.held or self.pending or self.dirty)  # nothing to renew: no call
+        if (idle or self._renew(join=False)) and self.mode is Mode.REJOINING and (
                 time.monotonic() >= self.rejoin_until):
             self._enter(Mode.SHARED, "rejoin window over")
 

@@ -192,6 +192,11 @@ class RedisQuotas:
             keys.append(self.key(principal, "f"))
             args += [len(held), *held, len(pending), *pending]
         t0 = time.perf_counter()
+        if join:  # loaded ahead, so that no admission pays NOSCRIPT and a load
+            pipe = self.client.pipeline(transaction=False)
+            for script in (self._admit, self._flush, self._renew):
+                pipe.script_load(script.script)
+            pipe.execute()
         reply = self._renew(keys=keys, args=args)
         self.observe("limits_renew", time.perf_counter() - t0)
         if not reply or reply[0] is None:
