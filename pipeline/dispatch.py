@@ -12,7 +12,6 @@ handed to a reply (released at once) or a StreamHandle (whose ``close()`` releas
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -47,17 +46,16 @@ FORWARD_HEADERS = ("user-agent", "accept", "authorization", "x-request-id")
 
 
 def well_formed(body: bytes) -> bool:
-    """Is a complete JSON reply parseable? (Large bodies: a cheap shape check only.)"""
+    """Is a complete JSON reply whole? A shape check, not a parse.
+
+    A node's encoder writes valid JSON; what goes wrong on the way is a reply cut short, and
+    a cut reply does not end as it began (``{...}`` or ``[...]``). Parsing every reply to be
+    sure cost about 5 % of the appliance's CPU per request, for a case no node produces.
+    """
     if not body:
         return True  # copy/delete answer 200 with an empty body
-    if len(body) > 256 * 1024:
-        stripped = body.strip()
-        return stripped[:1] in (b"{", b"[") and stripped[-1:] in (b"}", b"]")
-    try:
-        json.loads(body)
-    except ValueError:
-        return False
-    return True
+    stripped = body.strip()
+    return stripped[:1] in (b"{", b"[") and stripped[-1:] in (b"}", b"]")
 
 
 class Dispatcher:
