@@ -194,8 +194,12 @@ def _reload_reaches_every_worker(proc: Master, notified: Notified, pids: set[int
         "config_reload", trigger="SIGHUP")} == pids, timeout=15), proc.events("config_reload")
     assert wait_until(lambda: proc.events("workers_reloaded"), timeout=15)
     assert set(proc.events("workers_reloaded")[0]["workers"]) == pids
-    after = notified.lines[before:]
-    assert "RELOADING=1" in after and "READY=1" in after[after.index("RELOADING=1"):], after
+    # the master logs workers_reloaded, then notifies READY=1: wait for it, not a snapshot
+    def ready_after_reload() -> bool:
+        after = notified.lines[before:]
+        return "RELOADING=1" in after and "READY=1" in after[after.index("RELOADING=1"):]
+
+    assert wait_until(ready_after_reload, timeout=5), notified.lines[before:]
 
 
 def _killed_worker_is_replaced(proc: Master, pids: set[int]) -> None:
