@@ -10,15 +10,25 @@ Both --register=no and --keep-unit are needed: the host has no systemd or D-Bus.
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
-PACKAGES = "systemd,systemd-sysv,dbus,procps,iproute2,python3,python3-venv,ca-certificates"
+# What install.sh would otherwise fetch with apt-get (curl for the keepalived check script,
+# keepalived for --ha, redis-server for --workers): baked in, so the tests need no mirror.
+PACKAGES = ("systemd,systemd-sysv,dbus,procps,iproute2,python3,python3-venv,ca-certificates,"
+            "curl,keepalived,redis-server")
+# Units the packages enable that must not start in a container sharing the host's network:
+# Debian's default Redis would listen on the host's 127.0.0.1:6379 (install.sh --workers
+# disables it too when it installs the package itself).
+DISABLED = ("redis-server.service",)
 CACHE = Path(os.environ.get("OLLAMA_LB_ROOTFS_CACHE", "/var/cache/ollama-lb-test"))
-TARBALL = CACHE / "bookworm-rootfs.tar.zst"
+# The name follows the package list, so a cache made from an older list is not reused.
+_IMAGE = hashlib.sha256(f"{PACKAGES} {DISABLED}".encode()).hexdigest()[:10]
+TARBALL = CACHE / f"bookworm-rootfs-{_IMAGE}.tar.zst"
 CLEAN_ENV = ["env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root"]
 
 
@@ -52,6 +62,9 @@ def ensure_rootfs_tarball() -> Path:
     shutil.rmtree(work, ignore_errors=True)
     subprocess.run(["debootstrap", "--variant=minbase", f"--include={PACKAGES}", "bookworm",
                     str(work), apt_mirror()], check=True, capture_output=True, timeout=900)
+    for unit in DISABLED:
+        for link in work.glob(f"etc/systemd/system/*.wants/{unit}"):
+            link.unlink()
     tmp = TARBALL.with_suffix(".tmp")
     subprocess.run(["tar", "--zstd", "-cf", str(tmp), "-C", str(work), "."], check=True,
                    timeout=300)
@@ -63,13 +76,19 @@ def ensure_rootfs_tarball() -> Path:
 class VM:
     """One booted container; ``run()`` executes a command inside it."""
 
-    def __init__(self, root: Path, binds: dict[str, str]) -> None:
+    def __init__(self, root: Path, binds: dict[str, str], netns: str | None = None) -> None:
+        """``netns``: a network namespace (``ip netns add``) for the container instead of the
+        host's, with CAP_NET_ADMIN in it (keepalived adds its address; nspawn grants that
+        only with --private-network, not with a namespace given by path)."""
         self.root = root
         root.mkdir(parents=True)
         subprocess.run(["tar", "--zstd", "-xf", str(ensure_rootfs_tarball()), "-C", str(root)],
                        check=True, timeout=300)
         args = ["systemd-nspawn", "-q", "--register=no", "--keep-unit", "-D", str(root)]
         args += [f"--bind-ro={host}:{guest}" for host, guest in binds.items()]
+        if netns is not None:
+            args += [f"--network-namespace-path=/run/netns/{netns}",
+                     "--capability=CAP_NET_ADMIN"]
         self.log = open(root.parent / "console.log", "wb")  # noqa: SIM115
         self.nspawn = subprocess.Popen([*args, "--boot"], stdout=self.log,
                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
