@@ -34,9 +34,15 @@ check_ha_options() {
     if ! [[ $HA_VRID =~ ^[0-9]+$ ]] || [ "$HA_VRID" -lt 1 ] || [ "$HA_VRID" -gt 254 ]; then
         die "--ha-vrid takes 1-254 (the second VIP uses the next one)"
     fi
-    if [ -n "$HA_IF" ] && [ ! -e "/sys/class/net/$HA_IF" ]; then
-        die "--ha-interface $HA_IF: no such interface here"
+    # ip (not /sys/class/net, which a container may show from another namespace); without
+    # iproute2 yet, resolve_ha_defaults checks it once the package is there
+    if [ -n "$HA_IF" ] && command -v ip >/dev/null 2>&1; then
+        ha_interface_exists || die "--ha-interface $HA_IF: no such interface here"
     fi
+}
+
+ha_interface_exists() {
+    ip -o link show dev "$HA_IF" >/dev/null 2>&1
 }
 
 # Debian packages PKG... unless installed already (apt-get only then).
@@ -61,8 +67,8 @@ resolve_ha_defaults() {
         HA_IF=$(ip -o "$family" route show default | awk '{for (i = 1; i < NF; i++)
             if ($i == "dev") { print $(i + 1); exit }}')
         [ -n "$HA_IF" ] || die "no default route here: give --ha-interface IF"
-        [ -e "/sys/class/net/$HA_IF" ] || die "--ha-interface $HA_IF: no such interface here"
     fi
+    ha_interface_exists || die "--ha-interface $HA_IF: no such interface here"
     if [ -z "$HA_SRC" ] && [ ${#HA_PEERS[@]} -gt 0 ]; then
         HA_SRC=$(ip -o "$family" addr show dev "$HA_IF" scope global \
             | awk '{split($4, a, "/"); print a[1]; exit}')
