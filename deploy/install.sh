@@ -4,11 +4,15 @@
 #
 #   sudo deploy/install.sh [--wheel FILE] [--wheelhouse DIR] [--no-start]
 #                          [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]] [--tls-only]
+#                          [--workers N|auto]
+#                          [--ha --ha-vip ADDR/PREFIX [--ha-vip ADDR/PREFIX]
+#                           --ha-role primary|secondary [--ha-peer ADDR]... [--ha-interface IF]
+#                           [--ha-src ADDR] [--ha-vrid N]]
 #
 #   --wheel FILE      the appliance wheel (default: the newest in deploy/ or dist/; `make wheel`)
 #   --wheelhouse DIR  install dependencies from DIR only (VMs without a package index); make one
 #                     with `pip download --only-binary=:all: -d DIR FILE.whl`
-#   --no-start        install and enable, but do not start the service
+#   --no-start        install and enable, but do not start the service (nor keepalived)
 #   --tls-cert FILE   PEM certificate (then its chain) for HTTPS, copied to /etc/ollama-lb/tls/
 #   --tls-key FILE    its unencrypted PEM key (root:ollama-lb 0640 once installed)
 #   --tls-client-ca FILE  CA certificates for mutual TLS: clients must present one they signed
@@ -55,7 +59,7 @@ while [ $# -gt 0 ]; do
         --ha-interface) HA_IF=${2:?--ha-interface needs an interface}; shift 2 ;;
         --ha-src) HA_SRC=${2:?--ha-src needs an address}; shift 2 ;;
         --ha-vrid) HA_VRID=${2:?--ha-vrid needs 1-254}; shift 2 ;;
-        -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set /{/^set /!p}' "$0"; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done

@@ -17,7 +17,7 @@ PURGE=0
 while [ $# -gt 0 ]; do
     case $1 in
         --purge) PURGE=1; shift ;;
-        -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set /{/^set /!p}' "$0"; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done

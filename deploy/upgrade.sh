@@ -13,7 +13,7 @@ while [ $# -gt 0 ]; do
         --wheel) WHEEL=${2:?--wheel needs a file}; shift 2 ;;
         --wheelhouse) WHEELHOUSE=${2:?--wheelhouse needs a directory}; shift 2 ;;
         --timeout) TIMEOUT=${2:?--timeout needs seconds}; shift 2 ;;
-        -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set /{/^set /!p}' "$0"; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
