@@ -21,7 +21,7 @@ from app.fakenode import FakeNodeServer, make_profile
 from app.server import OllamaLoadBalancerApplication
 from pipeline.config import parse_config
 
-pytest_plugins = ["tests.redisserver"]  # the redis_proc fixture
+pytest_plugins = ["tests.redisserver", "tests.deploy.artifacts"]  # redis_proc; artifacts
 
 os.environ.pop("OLLAMA_LB_ADMIN_TOKEN", None)
 for _var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",

@@ -1,4 +1,8 @@
-"""Shared by the booted-systemd modules: the wheels and the offline wheelhouse, built once."""
+"""Shared by the booted-systemd modules: the wheels and the offline wheelhouse, built once.
+
+A plugin module (listed in tests/conftest.py's ``pytest_plugins``), not a conftest.py: a second
+conftest module would shadow ``tests/conftest.py`` for the modules that import from it.
+"""
 
 from __future__ import annotations
 
