@@ -25,6 +25,7 @@ from typing import Any
 import redis
 
 from pipeline.shared.connect import connect
+from pipeline.shared.scripts import RECONCILE
 
 GRANTED, CONCURRENCY, TOKENS, RATE, LOST = 1, -1, -2, -3, -9
 DAY_KEY_TTL_S = 2 * 86400
@@ -96,7 +97,7 @@ return 1
 #: Own held leases get a fresh expiry (re-asserted if Redis lost them); own leases neither
 #: held nor on their way are deleted (releases that never reached Redis). Returns {epoch} or
 #: {false} on a mismatch without join.
-RENEW = """
+RENEW = RECONCILE + """
 if ARGV[2] == '1' then redis.call('SET', KEYS[1], ARGV[1], 'NX') end
 local e = redis.call('GET', KEYS[1])
 if (not e) or (ARGV[2] ~= '1' and e ~= ARGV[1]) then return {false} end
@@ -104,20 +105,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl, prefix = tonumber(ARGV[3]), ARGV[4]
 local a = 5
-for k = 2, #KEYS do
-  local keep = {}
-  local nheld = tonumber(ARGV[a]); a = a + 1
-  for i = 1, nheld do
-    redis.call('ZADD', KEYS[k], now + ttl, ARGV[a]); keep[ARGV[a]] = true; a = a + 1
-  end
-  local npend = tonumber(ARGV[a]); a = a + 1
-  for i = 1, npend do keep[ARGV[a]] = true; a = a + 1 end
-  redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', now)
-  for _, m in ipairs(redis.call('ZRANGE', KEYS[k], 0, -1)) do
-    if string.sub(m, 1, #prefix) == prefix and not keep[m] then redis.call('ZREM', KEYS[k], m) end
-  end
-  if nheld > 0 then redis.call('PEXPIRE', KEYS[k], ttl * 2) end
-end
+for k = 2, #KEYS do a = reconcile(KEYS[k], a, now, ttl, prefix) end
 return {e}
 """
 

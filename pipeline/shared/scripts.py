@@ -6,6 +6,29 @@ scores come from ``redis.call('TIME')``: the instances' clocks never matter.
 
 from __future__ import annotations
 
+#: A Lua function both renewal scripts (node leases here, in-flight places in quotas.py) run
+#: on each lease zset: ARGV from index ``a`` holds n held, held ids..., n pending, pending ids.
+#: Own held leases get a fresh expiry (re-asserted if Redis lost them); own leases (``prefix``)
+#: neither held nor on their way are deleted (releases that never reached Redis). Returns the
+#: index after this zset's arguments.
+RECONCILE = """
+local function reconcile(key, a, now, ttl, prefix)
+  local keep = {}
+  local nheld = tonumber(ARGV[a]); a = a + 1
+  for i = 1, nheld do
+    redis.call('ZADD', key, now + ttl, ARGV[a]); keep[ARGV[a]] = true; a = a + 1
+  end
+  local npend = tonumber(ARGV[a]); a = a + 1
+  for i = 1, npend do keep[ARGV[a]] = true; a = a + 1 end
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  for _, m in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+    if string.sub(m, 1, #prefix) == prefix and not keep[m] then redis.call('ZREM', key, m) end
+  end
+  if nheld > 0 then redis.call('PEXPIRE', key, ttl * 2) end
+  return a
+end
+"""
+
 #: KEYS: epoch, the node's lease zset. ARGV: epoch, lease id, ttl ms, cap.
 #: Returns {1, count} granted, {-1, count} full, {-2, 0} Redis lost its state (epoch).
 ACQUIRE = """
@@ -29,7 +52,7 @@ return {1, n + 1}
 #: expiry (so leases lost with Redis's state are re-asserted), own leases neither held nor
 #: being acquired are deleted (releases that never reached Redis). Returns
 #: {epoch or false, live instance ids, count per node} ({false} on an epoch mismatch).
-RENEW = """
+RENEW = RECONCILE + """
 if ARGV[5] == '1' then redis.call('SET', KEYS[1], ARGV[1], 'NX') end
 local e = redis.call('GET', KEYS[1])
 if (not e) or (ARGV[5] ~= '1' and e ~= ARGV[1]) then return {false} end
@@ -44,18 +67,7 @@ local prefix = me .. '/'
 local counts = {}
 local a = 6
 for k = 3, #KEYS do
-  local keep = {}
-  local nheld = tonumber(ARGV[a]); a = a + 1
-  for i = 1, nheld do
-    redis.call('ZADD', KEYS[k], now + ttl, ARGV[a]); keep[ARGV[a]] = true; a = a + 1
-  end
-  local npend = tonumber(ARGV[a]); a = a + 1
-  for i = 1, npend do keep[ARGV[a]] = true; a = a + 1 end
-  redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', now)
-  for _, m in ipairs(redis.call('ZRANGE', KEYS[k], 0, -1)) do
-    if string.sub(m, 1, #prefix) == prefix and not keep[m] then redis.call('ZREM', KEYS[k], m) end
-  end
-  if nheld > 0 then redis.call('PEXPIRE', KEYS[k], ttl * 2) end
+  a = reconcile(KEYS[k], a, now, ttl, prefix)
   counts[#counts + 1] = redis.call('ZCARD', KEYS[k])
 end
 return {e, live, counts}
