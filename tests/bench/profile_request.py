@@ -11,6 +11,7 @@ request (appliance and client together; the node is not counted). Usage:
 
   .venv/bin/python tests/bench/profile_request.py [--path /v1/chat/completions]
       [--requests 300] [--top 25] [--dump out.prof] [--json out.json] [--key [--models]]
+      [--redis-url URL]
 
 The ``.prof`` file opens in ``snakeviz`` or ``python -m pstats``. For a sampling profile of
 the appliance as a server, under wrk, use py-spy instead (see tests/bench/performance.md).
@@ -87,9 +88,10 @@ def key_entry(models: bool) -> dict[str, Any]:
     return entry | ({"models": ["m*"]} if models else {})
 
 
-def start_appliance(node_url: str, key: dict[str, Any] | None = None
-                    ) -> OllamaLoadBalancerApplication:
+def start_appliance(node_url: str, key: dict[str, Any] | None = None,
+                    redis_url: str | None = None) -> OllamaLoadBalancerApplication:
     cfg = parse_config({**({"security": {"apiKeys": [key]}} if key else {}),
+                        **({"sharedState": {"redisUrl": redis_url}} if redis_url else {}),
         "server": {"host": "127.0.0.1", "port": 0},
         "nodes": [{"id": "n0", "url": node_url, "models": ["m"], "maxConcurrentRequests": 64}],
         "healthCheck": {"enabled": False, "discovery": False},
@@ -156,10 +158,11 @@ def main() -> int:
     ap.add_argument("--json", help="write the summary here")
     ap.add_argument("--key", action="store_true", help="an API key on every request")
     ap.add_argument("--models", action="store_true", help="the key has a models allow-list")
+    ap.add_argument("--redis-url", help="shared caps through this running Redis (Redis mode)")
     args = ap.parse_args()
     key = KEY if args.key or args.models else None
     node = procs.fake_node("m", "fast", num_parallel=64)
-    app = start_appliance(node.url, key_entry(args.models) if key else None)
+    app = start_appliance(node.url, key_entry(args.models) if key else None, args.redis_url)
     try:
         raw_client(app.port, args.path, 50, key)  # warm-up: connection pools, caches, imports
         stats, switches, cpu = profiled(app.port, args.path, args.requests, key)
