@@ -601,3 +601,14 @@ def test_a_client_leaving_a_non_streamed_reply_cancels_the_generation(fake_node,
     assert _wait_for(lambda: node.stats.active == 0, 2)  # stopped within a token or two
     assert node.stats.disconnects == 1
     assert node.node.sim.loaded["registry.ollama.ai/library/m:latest"].busy == 0
+
+
+def test_reset_mid_stream_on_a_whole_reply_drops_the_connection_and_nothing_else(fake_node):
+    node = fake_node(["m"])
+    node.node.set_fault("reset-mid-stream", count=1)
+    with pytest.raises(requests.ConnectionError):
+        requests.post(f"{node.url}/api/generate", json={"model": "m", "prompt": "x",
+                                                        "stream": False}, timeout=10)
+    again = requests.post(f"{node.url}/api/generate", json={"model": "m", "prompt": "x",
+                                                            "stream": False}, timeout=10)
+    assert again.status_code == 200 and again.json()["done"] is True

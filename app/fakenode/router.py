@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from app.fakenode.engine import StreamReset
 from app.fakenode.sim import ServerBusy
 from app.fakenode.wire import (
     BUSY,
@@ -103,3 +104,5 @@ class Dispatch:
             return json_reply(sr, exc.status, route.shape(exc.status, exc.message))
         except ServerBusy:
             return json_reply(sr, 503, route.busy_shape(503, BUSY))
+        except StreamReset:  # a whole reply cut by reset-mid-stream: the socket is gone
+            return []
