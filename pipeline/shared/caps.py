@@ -10,8 +10,8 @@
   a few heartbeats a request needs both its local share and a Redis lease, so that instances
   that rejoin later are never over-counted.
 
-The capacity stage takes only the local lease (no yield there); this gate runs in the
-dispatch greenlet, before the node is called. Shared leases are given back with the local
+The capacity stage takes only the local lease (no yield there); this gate runs with the
+node call, off the ring (in the caller's greenlet), before the node is called. Shared leases are given back with the local
 one (``NodeRegistry.release`` calls ``on_release``), in batches by a greenlet of their own.
 """
 
