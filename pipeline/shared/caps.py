@@ -11,8 +11,9 @@
   that rejoin later are never over-counted.
 
 The capacity stage takes only the local lease (no yield there); this gate runs with the
-node call, off the ring (in the caller's greenlet), before the node is called. Shared leases are given back with the local
-one (``NodeRegistry.release`` calls ``on_release``), in batches by a greenlet of their own.
+node call, off the ring (in the caller's greenlet), before the node is called. Shared leases
+are given back with the local one (``NodeRegistry.release`` calls ``on_release``), in batches
+by a greenlet of their own.
 """
 
 from __future__ import annotations
