@@ -10,6 +10,7 @@ belongs to is the endpoint table's fact (``pipeline.endpoints.api_for``). Sheddi
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from flask import Response
@@ -101,3 +102,10 @@ def http_error_response(exc: HTTPException, path: str) -> Response:
         return plain(405, "405 method not allowed")
     status = exc.code or 500
     return json_response(error_body(status, exc.description or exc.name, path), status)
+
+
+def unhandled_error_response(exc: Exception, path: str) -> Response:
+    """A bug on the way to an answer: logged with its traceback, a 500 in the API's shape."""
+    logging.getLogger("ollama_lb.http").exception("unhandled error", extra={
+        "event": "http_error", "path": path})
+    return json_response(error_body(500, f"internal error: {exc}", path), 500)

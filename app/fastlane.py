@@ -19,7 +19,6 @@ body that arrives too slowly: 408) in the API's error shape, anything else logge
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any
@@ -29,12 +28,11 @@ from werkzeug.exceptions import HTTPException
 
 from app import proxy
 from app.auth import Route, gate
-from app.errors import error_body, http_error_response, json_response
-from app.meter import GRANT, Metered
+from app.errors import http_error_response, unhandled_error_response
+from app.meter import GRANT, Metered, end_unanswered
 from app.security import Security
 from pipeline.factory import PipelineFactory
 
-log = logging.getLogger("ollama_lb.http")
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
@@ -68,10 +66,8 @@ class FastLane:
             return self.inner(environ, start_response)
         try:
             out = self._answer(environ, route, path)
-        except BaseException:  # the greenlet killed: the admitted request still ends once
-            grant = environ.pop(GRANT, None)
-            if grant is not None:
-                self.finish(Metered((), grant, 500, "", path, self.finish))
+        except BaseException:
+            end_unanswered(environ, self.finish)
             raise
         grant = environ.pop(GRANT, None)  # the meter around Flask is not passed through
         if isinstance(out, proxy.Reply):
@@ -91,5 +87,4 @@ class FastLane:
         except HTTPException as exc:  # what Flask's error handlers would answer
             return http_error_response(exc, path)
         except Exception as exc:
-            log.exception("unhandled error", extra={"event": "http_error", "path": path})
-            return json_response(error_body(500, f"internal error: {exc}", path), 500)
+            return unhandled_error_response(exc, path)

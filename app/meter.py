@@ -100,6 +100,14 @@ class Metered:
             self.finish(self)
 
 
+def end_unanswered(environ: dict[str, Any], finish: Callable[[Metered], None]) -> None:
+    """The app raised before answering (a bug, or its greenlet killed): an admitted request
+    still ends its accounting once, as a 500."""
+    grant = environ.pop(GRANT, None)
+    if grant is not None:
+        finish(Metered((), grant, 500, "", environ.get("PATH_INFO", ""), finish))
+
+
 class Meter:
     """WSGI middleware: wraps the reply of every request the gate admitted with a grant."""
 
@@ -119,10 +127,7 @@ class Meter:
         try:
             result = self.app(environ, capture)
         except BaseException:
-            grant = environ.pop(GRANT, None)
-            if grant is not None:
-                self.finish(Metered((), grant, 500, "", environ.get("PATH_INFO", ""),
-                                    self.finish))
+            end_unanswered(environ, self.finish)
             raise
         grant = environ.get(GRANT)
         if grant is None:

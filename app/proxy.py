@@ -97,9 +97,13 @@ def submit(env: dict[str, Any], f: PipelineFactory, path: str, body: bytes,
                                  ("X-Request-ID", rid)], [result.body])
 
 
-def _submit(path: str, body: bytes, method: str = "POST", model: str | None = None) -> Response:
-    out = submit(request.environ, factory(), path, body, method, model)
+def as_response(out: Reply | Response) -> Response:
+    """What a Flask view returns: a Reply wrapped, a refusal or error as it is."""
     return out.response() if isinstance(out, Reply) else out
+
+
+def _submit(path: str, body: bytes, method: str = "POST", model: str | None = None) -> Response:
+    return as_response(submit(request.environ, factory(), path, body, method, model))
 
 
 class StreamBody:
@@ -123,8 +127,7 @@ class StreamBody:
 
 
 def model_routed() -> Response:
-    out = proxied(request.environ, factory())
-    return out.response() if isinstance(out, Reply) else out
+    return as_response(proxied(request.environ, factory()))
 
 
 def proxied(env: dict[str, Any], f: PipelineFactory) -> Reply | Response:

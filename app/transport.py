@@ -55,6 +55,7 @@ class ClientHandler(WSGIHandler):
     idle = False  # waiting for a request line: safe to close at shutdown
     requests_read = 0  # requests read on this connection
     accepted_at = 0.0  # set by the server before a TLS handshake; else when handling starts
+    held: bytearray | None = None  # what _sendall gathers while the head is written
     head_timer: gevent.Timeout | None = None  # running from a request's first byte to its head
     wsgi_input: DeadlineInput | None = None
 
@@ -214,29 +215,16 @@ class ClientHandler(WSGIHandler):
     def _write_with_headers(self, data: bytes) -> None:
         """pywsgi's, but the head and a first piece of up to ``ONE_WRITE`` bytes leave in one
         send: on a complete reply that is one segment and one wake-up of the client instead
-        of two."""
-        self.headers_sent = True
-        self.finalize_headers()
-        out = bytearray(b"HTTP/1.1 ")
-        out += self.status
-        out += b"\r\n"
-        for header, value in self.response_headers:
-            out += header
-            out += b": "
-            out += value
-            out += b"\r\n"
-        out += b"\r\n"
+        of two. pywsgi writes them itself; ``_sendall`` only holds them until it is done."""
         if not data or len(data) > ONE_WRITE:
-            self._sendall(out)
-            self._write(data)
-        elif self.response_use_chunked:
-            out += b"%x\r\n" % len(data)
-            out += data
-            out += b"\r\n"
-            self._sendall(out)
-        else:
-            out += data
-            self._sendall(out)
+            super()._write_with_headers(data)
+            return
+        self.held = bytearray()
+        try:
+            super()._write_with_headers(data)
+        finally:
+            out, self.held = self.held, None
+        self._sendall(out)
 
     def _sendall(self, data: bytes) -> None:
         """Like pywsgi's, but the timeout bounds each wait for progress, not the whole write.
@@ -244,6 +232,9 @@ class ClientHandler(WSGIHandler):
         A big reply to a slow but reading client is fine; a client that takes nothing for
         ``writeTimeoutMs`` raises TimeoutError here.
         """
+        if self.held is not None:  # the head and first piece, gathered for one send
+            self.held += data
+            return
         view = memoryview(data)
         try:
             while view:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from app import admin, auth, cors, manage, models_admin, ops, proxy
-from app.errors import error_body, http_error_response, json_response
+from app.errors import http_error_response, unhandled_error_response
 from app.fastlane import FastLane
 from app.security import Security, exposure
 from pipeline.factory import PipelineFactory
-
-log = logging.getLogger("ollama_lb.http")
 
 
 def create_app(factory: PipelineFactory, reload_state: Any = None) -> Flask:
@@ -40,7 +37,6 @@ def create_app(factory: PipelineFactory, reload_state: Any = None) -> Flask:
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:
-        log.exception("unhandled error", extra={"event": "http_error", "path": request.path})
-        return json_response(error_body(500, f"internal error: {exc}", request.path), 500)
+        return unhandled_error_response(exc, request.path)
 
     return app

@@ -97,7 +97,7 @@ class Dispatcher:
         if ticket.endpoint is not None and ticket.endpoint.loads_model and ticket.model:
             ticket.cold = ticket.model not in lease.node.loaded
             lease.node.mark_loaded(ticket.model)
-        if ticket.hand(self._run, lease, lambda: self._drop(ticket, lease)):
+        if ticket.hand(self._run, lease, self._drop):
             return  # the caller's greenlet runs the call: no greenlet of its own, no hop back
         g = self.calls.spawn(self._run, ticket, lease)
 

@@ -171,7 +171,8 @@ class Ticket:
         self.deadline = deadline
         self._result: AsyncResult = AsyncResult()
         self._wake = Event()  # set with the result, or when a node call is handed over
-        self._go: tuple[Callable[[Ticket, Any], None], Any] | None = None
+        self._go: tuple[Callable[[Ticket, Any], None], Any, Callable[[Ticket, Any], None]
+                        ] | None = None  # the handed call: run, lease, drop
         self.waiting = False  # a caller is blocked in result() (it can run the node call)
         self.runner: Any = None  # the greenlet running the node call inside result()
         self.attempts = 0
@@ -219,22 +220,21 @@ class Ticket:
         return self._result.ready()
 
     def hand(self, run: Callable[[Ticket, Any], None], lease: Any,
-             drop: Callable[[], None]) -> bool:
+             drop: Callable[[Ticket, Any], None]) -> bool:
         """Give the node call to the caller waiting in ``result()``, to run in its own greenlet
         (no greenlet of its own, no hop back with the reply); False if nobody waits there.
-        ``drop`` gives the lease back if the caller leaves before it starts the call."""
+        ``drop(ticket, lease)`` gives the lease back if the caller leaves before the call."""
         if not self.waiting or self._result.ready():
             return False
-        self._go = (run, lease)
-
-        def unclaimed() -> None:
-            if self._go is not None:
-                self._go = None
-                drop()
-
-        self.on_cancel = unclaimed
+        self._go = (run, lease, drop)
+        self.on_cancel = self._unclaimed
         self._wake.set()
         return True
+
+    def _unclaimed(self) -> None:
+        go, self._go = self._go, None
+        if go is not None:
+            go[2](self, go[1])
 
     def interrupt(self, error: PipelineError) -> None:
         """Stop the node call running in ``result()``: ``error`` is raised where it waits.
@@ -277,7 +277,7 @@ class Ticket:
 
     def _run_handed(self) -> None:
         assert self._go is not None
-        (run, lease), self._go = self._go, None
+        (run, lease, _), self._go = self._go, None
         self.on_cancel = self._cancel_running
         self.runner = getcurrent()
         try:

@@ -178,12 +178,11 @@ class OneWriteRequest:
         if (state != _CS_IDLE or response is not None or not isinstance(body, bytes | None)
                 or _UNSAFE_PATH.search(url) or not method.isalpha()):
             return None
-        given = []
-        for name, value in (headers or {}).items():
-            if "\r" in value or "\n" in value:
-                return None
-            given.append(f"{name}: {value}")
-        names = {line.split(":", 1)[0].lower() for line in given}
+        headers = headers or {}
+        if any("\r" in value or "\n" in value for value in headers.values()):
+            return None
+        given = [f"{name}: {value}" for name, value in headers.items()]
+        names = {name.lower() for name in headers}
         lines = [f"{method} {url} HTTP/1.1"]
         if "host" not in names:
             lines.append(f"Host: {self._host_header()}")
