@@ -28,9 +28,9 @@ from app import denials
 from app.bodypeek import models_named
 from app.errors import json_response
 from app.keys import ApiKey
-from app.limits import Denied
+from app.limits import Denied, limited
 from app.meter import GRANT, Meter
-from app.security import Security, limited
+from app.security import Security
 from pipeline.config import Config
 from pipeline.modelname import display
 

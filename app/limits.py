@@ -30,6 +30,12 @@ class LimitSettings(Protocol):
     tokensPerDay: int | None
 
 
+def limited(limits: LimitSettings) -> bool:
+    """Does this key (or client) have any limit at all?"""
+    return (limits.requestsPerMinute is not None or limits.maxConcurrent is not None
+            or limits.tokensPerDay is not None)
+
+
 class Denied(Exception):
     """Over a limit: ``reason`` is rate, concurrency or tokens."""
 
@@ -38,6 +44,21 @@ class Denied(Exception):
         self.reason = reason
         self.message = message
         self.retry_after = max(1, math.ceil(retry_after))
+
+
+def too_many_in_flight(who: str, cap: int | None) -> Denied:
+    return Denied("concurrency", f"too many concurrent requests: {who} may have {cap} in flight",
+                  1.0)
+
+
+def over_rate(who: str, per_minute: int | None, wait_s: float) -> Denied:
+    return Denied("rate", f"rate limit exceeded: {who} may send {per_minute} requests per "
+                  "minute", wait_s)
+
+
+def over_quota(who: str, used: int, quota: int | None) -> Denied:
+    return Denied("tokens", f"token quota exceeded: {who} has used {used} of {quota} tokens "
+                  "today (UTC)", seconds_to_utc_midnight())
 
 
 def seconds_to_utc_midnight(wall: float | None = None) -> float:
@@ -92,12 +113,10 @@ class Allowance:
         ``who()`` names the principal in a refusal (only built when one is given)."""
         cap = limits.maxConcurrent
         if cap is not None and self.in_flight >= cap:
-            raise Denied("concurrency", f"too many concurrent requests: {who()} may have {cap} "
-                         "in flight", 1.0)
+            raise too_many_in_flight(who(), cap)
         quota = limits.tokensPerDay
         if tokens and quota is not None and used_today >= quota:
-            raise Denied("tokens", f"token quota exceeded: {who()} has used {used_today} of "
-                         f"{quota} tokens today (UTC)", seconds_to_utc_midnight())
+            raise over_quota(who(), used_today, quota)
         rpm = limits.requestsPerMinute
         if rpm is None:
             self.bucket = None
@@ -108,8 +127,7 @@ class Allowance:
                 self.bucket.resize(rpm)
             wait = self.bucket.take(now)
             if wait:
-                raise Denied("rate", f"rate limit exceeded: {who()} may send {rpm} requests "
-                             "per minute", wait)
+                raise over_rate(who(), rpm, wait)
 
     def idle(self, now: float) -> bool:
         """Nothing to remember: no request in flight and a full bucket (or none)."""

@@ -32,11 +32,6 @@ _BY_FACTORY: weakref.WeakKeyDictionary[PipelineFactory, Security] = (
     weakref.WeakKeyDictionary())
 
 
-def limited(limits: LimitSettings) -> bool:
-    return (limits.requestsPerMinute is not None or limits.maxConcurrent is not None
-            or limits.tokensPerDay is not None)
-
-
 class Security:
     def __init__(self, factory: PipelineFactory) -> None:
         # weakly: this object is the factory's value in _BY_FACTORY, which must not keep it

@@ -34,7 +34,16 @@ import redis
 from gevent.event import Event
 from prometheus_client import Gauge
 
-from app.limits import Denied, Grant, LimitSettings, SharedGrant, seconds_to_utc_midnight
+from app.limits import (
+    Denied,
+    Grant,
+    LimitSettings,
+    SharedGrant,
+    limited,
+    over_quota,
+    over_rate,
+    too_many_in_flight,
+)
 from app.meter import Metered
 from app.usage import Account, UsageBook, utc_day
 from pipeline.config_shared import SharedStateConfig
@@ -136,9 +145,7 @@ class SharedLimits:
         checked = self.mode is not Mode.SHARED
         if checked:
             self._local(account, principal, who, limits, own, counts)
-        limited = (limits.requestsPerMinute is not None or cap is not None
-                   or limits.tokensPerDay is not None)
-        if self.mode is Mode.LOCAL or not limited:
+        if self.mode is Mode.LOCAL or not limited(limits):
             return self._grant(account, key, counts, principal, lease)
         code, value = self._remote(principal, lease, limits, counts, day)
         if code is None:  # Redis failed just now: this instance is in local mode
@@ -186,9 +193,7 @@ class SharedLimits:
             seen = account.allowance.seen  # what Redis counted, plus own use since: a floor
             total = own if seen is None else seen[0] + max(0, own - seen[1])
             if total >= quota or own >= part(quota):
-                raise Denied("tokens", f"token quota exceeded: {who()} has used "
-                             f"{max(total, own)} of {quota} tokens today (UTC)",
-                             seconds_to_utc_midnight())
+                raise over_quota(who(), max(total, own), quota)
         account.allowance.admit(who, Share(limits, part), 0, time.monotonic(), tokens=False)
 
     def _grant(self, account: Account, key: str | None, counts: bool, principal: str,
@@ -366,10 +371,7 @@ class SharedLimits:
 def _denied(code: int, value: int, who: Callable[[], str], limits: LimitSettings) -> Denied:
     """The refusal Redis decided, worded as the local limits word it."""
     if code == CONCURRENCY:
-        return Denied("concurrency", f"too many concurrent requests: {who()} may have "
-                      f"{limits.maxConcurrent} in flight", 1.0)
+        return too_many_in_flight(who(), limits.maxConcurrent)
     if code == RATE:
-        return Denied("rate", f"rate limit exceeded: {who()} may send "
-                      f"{limits.requestsPerMinute} requests per minute", value / 1000.0)
-    return Denied("tokens", f"token quota exceeded: {who()} has used {value} of "
-                  f"{limits.tokensPerDay} tokens today (UTC)", seconds_to_utc_midnight())
+        return over_rate(who(), limits.requestsPerMinute, value / 1000.0)
+    return over_quota(who(), value, limits.tokensPerDay)

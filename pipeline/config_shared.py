@@ -90,8 +90,12 @@ def parse_sentinel_url(value: str) -> SentinelUrl:
                        opts.get("sentinel_password") or None)
 
 
+def is_sentinel(url: str) -> bool:
+    return url.lower().startswith(SENTINEL_SCHEME + "://")
+
+
 def _redis_url(value: str) -> None:
-    if value.lower().startswith(SENTINEL_SCHEME + "://"):
+    if is_sentinel(value):
         parse_sentinel_url(value)
         return
     parts = urlsplit(value)

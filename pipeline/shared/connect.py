@@ -18,7 +18,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from pipeline.config_shared import SENTINEL_SCHEME, parse_sentinel_url
+from pipeline.config_shared import is_sentinel, parse_sentinel_url
 
 ClientFactory = Callable[[float], redis.Redis]  # a fresh client with this reply timeout
 
@@ -38,10 +38,6 @@ def sentinel_listener(sentinel: Sentinel, wait_s: float) -> redis.Redis:
     kwargs = dict(sentinel.sentinels[0].connection_pool.connection_kwargs)
     return redis.Redis(connection_pool=redis.ConnectionPool(**{**kwargs,
                                                                "socket_timeout": wait_s}))
-
-
-def is_sentinel(url: str) -> bool:
-    return url.lower().startswith(SENTINEL_SCHEME + "://")
 
 
 def connect(url: str, timeout_s: float,
