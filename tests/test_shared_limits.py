@@ -9,12 +9,8 @@ instance's places come back within the lease TTL. Real clients (``ollama`` with 
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +27,7 @@ from app.keys import hash_key, new_key
 from app.security import Security
 from pipeline.shared.quotas import RedisQuotas
 from tests.redisserver import free_port, needs_redis
+from tests.sharedprocs import ApplianceProc
 from tests.waiting import wait_until
 
 TEAM, ROOT = new_key(), new_key()
@@ -215,43 +212,6 @@ def test_without_redis_each_instance_limits_its_share_and_nothing_hangs(redis_pr
     assert all(used) and store.used("k:team", int(time.time() // 86400)) == sum(used)
     store.client.close()
     assert generate(a).status_code == 200  # a shared bucket again: full after the restart
-
-
-class ApplianceProc:
-    """``python -m app CONFIG``, its log in a file: an instance this test may SIGKILL."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-        self.log = log
-        self.out = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.p = subprocess.Popen([sys.executable, "-m", "app", str(config)], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=self.out)
-        self.url = ""
-
-    def started(self) -> list[dict]:
-        lines = self.log.read_text(errors="replace").splitlines()
-        return [e for e in map(_json, lines) if e.get("event") == "started"]
-
-    def wait_started(self) -> None:
-        assert wait_until(lambda: self.started() or self.p.poll() is not None, 20)
-        started = self.started()
-        assert started, f"appliance did not start: {self.log.read_text()[-2000:]}"
-        self.url = f"http://127.0.0.1:{started[0]['port']}"
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.kill()
-        self.p.wait(10)
-        self.out.close()
-
-
-def _json(line: str) -> dict:
-    try:
-        doc = json.loads(line)
-    except ValueError:
-        return {}
-    return doc if isinstance(doc, dict) else {}
 
 
 def test_redis_unreachable_from_the_start_limits_locally_at_once(fake_node, appliance):
