@@ -45,19 +45,6 @@ ha_interface_exists() {
     ip -o link show dev "$HA_IF" >/dev/null 2>&1
 }
 
-# Debian packages PKG... unless installed already (apt-get only then).
-ensure_packages() {
-    local pkg missing=()
-    for pkg in "$@"; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" \
-            || missing+=("$pkg")
-    done
-    [ ${#missing[@]} -eq 0 ] && return 0
-    say "installing ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
-}
-
 # The defaults that depend on this VM: the default route's interface, its first address of
 # the VIP's family (the unicast source).
 resolve_ha_defaults() {
@@ -166,9 +153,7 @@ setup_ha() {
     resolve_ha_defaults
     install -d -m 0755 "$KEEPALIVED_DIR"
     # root-owned and not writable by others: keepalived's enable_script_security runs it
-    if ! cmp -s "$DEPLOY_DIR/keepalived/check_ollama_lb.sh" "$HA_CHECK"; then
-        install -m 0755 -o root -g root "$DEPLOY_DIR/keepalived/check_ollama_lb.sh" "$HA_CHECK"
-    fi
+    install_if_changed "$DEPLOY_DIR/keepalived/check_ollama_lb.sh" "$HA_CHECK" 0755 || true
     new=$(mktemp "$KEEPALIVED_DIR/.keepalived.conf.XXXXXX")
     if ! ha_render "$release" "$new" || ! out=$(keepalived -t -f "$new" 2>&1); then
         rm -f "$new"

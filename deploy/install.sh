@@ -88,20 +88,10 @@ fi
 WHEEL=$(find_wheel "$WHEEL")
 
 # 1. OS packages: Python with venv, CA certificates, kill (ExecReload) from procps.
-missing=()
-for pkg in python3 python3-venv ca-certificates procps; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    say "installing OS packages: ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+ensure_packages python3 python3-venv ca-certificates procps
 if ! find_python >/dev/null; then  # Ubuntu 22.04: python3 is 3.10, 3.11 is packaged apart
     say "installing python3.11 (the system python3 is older than 3.11)"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        python3.11 python3.11-venv
+    apt_install python3.11 python3.11-venv
 fi
 
 # 2. The service user: no login, no home to speak of.

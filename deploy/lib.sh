@@ -205,12 +205,31 @@ except ConfigError:
 PY
 }
 
-# Copy SRC to DEST (mode 0644) unless DEST already has that content; 0 if it was written.
+# Copy SRC to DEST [MODE, default 0644; owned by root, as the scripts run as root] unless
+# DEST already has that content; 0 if it was written.
 install_if_changed() {
     if [ -f "$2" ] && cmp -s "$1" "$2"; then
         return 1
     fi
-    install -D -m 0644 "$1" "$2"
+    install -D -m "${3:-0644}" "$1" "$2"
+}
+
+# apt-get install PKG... (after an update), without recommends, without questions.
+apt_install() {
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+
+# Debian packages PKG... unless installed already (apt-get only then).
+ensure_packages() {
+    local pkg missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" \
+            || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    say "installing OS packages: ${missing[*]}"
+    apt_install "${missing[@]}"
 }
 
 # The socket unit's drop-in: server.host, server.port and server.backlog from the config, read

@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # `install.sh --workers N`: N worker processes need a Redis for their node caps (each worker is
 # an appliance instance; without shared state each would allow each node its whole cap, and
-# the appliance refuses to start). Sourced by install.sh after lib.sh.
+# the appliance refuses to start). Sourced by install.sh and uninstall.sh after lib.sh.
 
 REDIS_UNIT=/etc/systemd/system/ollama-lb-redis.service
 REDIS_SOCK=/run/ollama-lb-redis/redis.sock
@@ -14,9 +14,7 @@ WORKERS_DROPIN=/etc/systemd/system/ollama-lb.service.d/redis.conf
 install_local_redis() {
     if ! command -v redis-server >/dev/null 2>&1; then
         say "installing redis-server (the workers share node caps through it)"
-        DEBIAN_FRONTEND=noninteractive apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            redis-server
+        apt_install redis-server
         systemctl disable --now --quiet redis-server.service 2>/dev/null || true
         say "the package's own redis-server.service (127.0.0.1:6379) is not needed: disabled"
     fi
