@@ -115,6 +115,12 @@ class SentinelProc(RedisProc):
             s.sendall(wire.encode())
             return s.recv(65536)
 
+    def failover(self, timeout: float = 10.0) -> bool:
+        """``SENTINEL FAILOVER``, once the sentinel takes it: it answers -NOGOODSLAVE until it
+        has seen a replica fit to promote (just after a start, or a failover before)."""
+        return wait_until(lambda: self.command("SENTINEL", "FAILOVER", self.MASTER_NAME)
+                          == b"+OK\r\n", timeout=timeout, step=0.1)
+
     def master_port(self) -> int:
         """The port of the master this sentinel names now."""
         reply = self.command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.MASTER_NAME)

@@ -150,7 +150,7 @@ def test_two_appliances_follow_a_sentinel_failover_with_the_cap_exact(
     new_master = redis.Redis(port=replica.port)
     try:
         t0 = time.monotonic()
-        assert sentinel.command("SENTINEL", "FAILOVER", SentinelProc.MASTER_NAME) == b"+OK\r\n"
+        assert sentinel.failover()
         assert wait_until(lambda: sentinel.master_port() == replica.port, timeout=10)
         # both instances talk to the new master only, in shared mode again
         assert wait_until(lambda: all(
@@ -215,7 +215,7 @@ def test_an_instance_leaves_the_old_master_on_the_sentinels_switch_not_a_heartbe
     assert wait_until(lambda: caps.mode == "rejoining", timeout=5)
     assert _generate(f"http://127.0.0.1:{app.port}") == 200  # a connection to the master
     assert caps.store.pool.master_address == ("127.0.0.1", sentinel.master.port)
-    assert sentinel.command("SENTINEL", "FAILOVER", SentinelProc.MASTER_NAME) == b"+OK\r\n"
+    assert sentinel.failover()
     t0 = time.monotonic()
     assert wait_until(lambda: caps.store.pool.master_address == ("127.0.0.1", replica.port),
                       timeout=4.5, step=0.01)
