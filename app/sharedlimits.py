@@ -22,7 +22,6 @@ exactly what it was.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 import weakref
@@ -104,7 +103,7 @@ class SharedLimits:
         self.dirty: set[str] = set()  # principals whose Redis side may hold released leases
         self.releases: dict[str, list[str]] = {}  # to give back (write-behind)
         self.charges: dict[tuple[str, int], int] = {}  # (principal, day) -> tokens to add
-        self._seq = itertools.count(1)
+        self.issued = 0  # the last lease number given out (renewals spare later ones)
         self._due = Event()
         self._running = True
         self._show_mode()
@@ -141,7 +140,7 @@ class SharedLimits:
         day = utc_day()
         own = account.used_today(day)
         cap = limits.maxConcurrent
-        lease = f"{self.me}/{next(self._seq)}" if cap is not None else None
+        lease = self._new_lease() if cap is not None else None
         checked = self.mode is not Mode.SHARED
         if checked:
             self._local(account, principal, who, limits, own, counts)
@@ -156,6 +155,10 @@ class SharedLimits:
             account.allowance.seen = (value, own)
             return self._grant(account, key, counts, principal, lease)
         raise _denied(code, value, who, limits)
+
+    def _new_lease(self) -> str:
+        self.issued += 1
+        return f"{self.me}/{self.issued}"
 
     def _remote(self, principal: str, lease: str | None, limits: LimitSettings, counts: bool,
                 day: int) -> tuple[int | None, int]:
@@ -286,7 +289,8 @@ class SharedLimits:
         holdings = [(p, sorted(self.held.get(p, ())), sorted(self.pending.get(p, ())))
                     for p in sorted(names)]
         try:
-            got = self.store.renew(epoch, join, s.leaseTtlMs, self.me + "/", holdings)
+            got = self.store.renew(epoch, join, s.leaseTtlMs, self.me + "/", holdings,
+                                   self.issued)  # read with the holdings: no yield between
         except redis.RedisError as exc:
             self.dirty |= dirty
             self._error("limits_renew", exc)

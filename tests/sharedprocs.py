@@ -136,3 +136,28 @@ class Load:
         self.running = False
         self.group.join(timeout=15)
         self.group.kill()
+
+
+def _epoch(ts: str) -> float:
+    import calendar
+    import time as _time
+    whole, ms = ts.rstrip("Z").split(".")
+    return calendar.timegm(_time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + int(ms) / 1000
+
+
+def over_cap_report(nodes: list[Any], caps: list[int], procs: list[ApplianceProc]) -> str:
+    """For a failed cap: when each node went over, and every mode change within 2 s of it."""
+    lines = []
+    for i, (node, cap) in enumerate(zip(nodes, caps, strict=True)):
+        for at, active in node.stats.peaks:
+            if active <= cap:
+                continue
+            lines.append(f"n{i} (cap {cap}) reached {active} at {at:.3f}")
+            for k, p in enumerate(procs):
+                for e in p.events("shared_mode"):
+                    t = _epoch(e["ts"])
+                    if abs(t - at) < 2:
+                        lines.append(f"  proc{k} {e['instance'][-10:]} {t - at:+.3f} s "
+                                     f"{e['from']}->{e['to']} ({e['reason'][:60]}) "
+                                     f"{len(e['instances'])} instances")
+    return "\n".join(lines)

@@ -72,7 +72,7 @@ def test_one_admission_script_is_atomic_across_stores(redis_proc):
     """Four stores (instances) hammering one principal: never more than the cap in flight,
     and exactly the bucket's tokens handed out."""
     stores = [RedisQuotas.from_url(redis_proc.url, "t", 0.5) for _ in range(4)]
-    epoch = stores[0].renew("e1", True, 1000, "x/", [])
+    epoch = stores[0].renew("e1", True, 1000, "x/", [], 0)
     holding: set[str] = set()
     peak, granted, day = [0], [0], int(time.time() // 86400)
 

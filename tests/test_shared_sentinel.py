@@ -78,7 +78,7 @@ def test_leases_go_to_the_master_the_sentinel_names(redis_proc, sentinel):
     store = RedisLeases(sentinel.url, "t", 0.2)
     direct = redis.Redis.from_url(redis_proc.url)
     try:
-        epoch, _, _ = store.renew("e1", "x", 5000, 5000, True, [])
+        epoch, _, _ = store.renew("e1", "x", 5000, 5000, True, [], 0)
         assert epoch is not None
         assert store.acquire(epoch, "n0", "x/1", 5000, 2)[0] == GRANTED
         assert direct.zcard(store.node_key("n0")) == 1  # written on the master itself
@@ -94,7 +94,7 @@ def test_no_sentinel_answering_is_an_outage_bounded_by_the_timeout(redis_proc, t
     store = RedisLeases(f"redis+sentinel://127.0.0.1:{free_port()}/lbstate/0", "t", 0.1)
     try:
         with pytest.raises(redis.ConnectionError):
-            store.renew("e1", "x", 5000, 5000, True, [])
+            store.renew("e1", "x", 5000, 5000, True, [], 0)
     finally:
         store.close()
 

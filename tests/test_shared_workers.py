@@ -17,7 +17,7 @@ from typing import Any
 import redis
 
 from tests.redisserver import needs_redis
-from tests.sharedprocs import SHARED, ApplianceProc, Load, write_config
+from tests.sharedprocs import SHARED, ApplianceProc, Load, over_cap_report, write_config
 from tests.waiting import wait_until
 
 
@@ -114,7 +114,7 @@ def test_no_node_gets_more_than_its_cap_with_two_workers_and_a_peer_while_redis_
             load.stop()
         for p in procs:
             p.stop()
-    assert [n.stats.max_active for n in nodes] == caps, "a node got more than its cap"
+    assert [n.stats.max_active for n in nodes] == caps, over_cap_report(nodes, caps, procs)
     print(f"capacity back {recovered_s:.2f} s after the peer was killed, "
           f"{worker_recovered_s:.2f} s after a worker was; {load.outcomes}")
     assert recovered_s < SHARED["leaseTtlMs"] / 1000 + 1.5, recovered_s

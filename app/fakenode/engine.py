@@ -85,7 +85,9 @@ class Engine:
     def enter(self) -> None:
         s = self.sim.stats
         s.active += 1
-        s.max_active = max(s.max_active, s.active)
+        if s.active > s.max_active:  # when each new peak came: to set it beside logs
+            s.max_active = s.active
+            s.peaks.append((time.time(), s.active))
 
     def leave(self, runner: Loaded) -> None:
         self.sim.stats.active -= 1

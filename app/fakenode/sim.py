@@ -76,6 +76,7 @@ class Stats:
     requests: int = 0
     active: int = 0  # inference requests being handled now
     max_active: int = 0
+    peaks: list[tuple[float, int]] = field(default_factory=list)  # (time.time(), new max)
     streams_open: int = 0
     disconnects: int = 0  # streams cut by the client before the end
     loads: int = 0

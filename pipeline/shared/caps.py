@@ -18,7 +18,6 @@ by a greenlet of their own.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import random
 import time
@@ -75,7 +74,7 @@ class SharedCaps:
         self.lost_at = 0.0
         self.rejoin_until = 0.0
         self.counts: dict[str, int] = {}  # each node's lease count, as Redis last said
-        self._seq = itertools.count(1)
+        self.issued = 0  # the last lease number given out (renewals spare later ones)
         self._releases: list[tuple[str, str]] = []
         self._release_due = Event()
         self._retry: dict[str, Any] = {}  # node id -> its pending retry timer
@@ -113,7 +112,8 @@ class SharedCaps:
         if self.mode is not Mode.SHARED and self._own(nid) >= self._allowance(node):
             self._block(node, retry=False)
             return False
-        lease_id = f"{self.me}/{next(self._seq)}"
+        self.issued += 1
+        lease_id = f"{self.me}/{self.issued}"
         if self.mode is Mode.LOCAL:
             self._grant(lease, lease_id, nid)
             return True
@@ -239,9 +239,10 @@ class SharedCaps:
         """Heartbeat and re-assert own leases; False (and local mode) if Redis is away."""
         s = self.settings()
         epoch = new_instance_id() if join else self.epoch  # a fresh epoch if Redis has none
+        holdings, issued = self._holdings(), self.issued  # read together: no yield between
         try:
             got, live, counts = self.store.renew(epoch, self.me, s.leaseTtlMs,
-                                                 3 * s.heartbeatMs, join, self._holdings())
+                                                 3 * s.heartbeatMs, join, holdings, issued)
         except redis.RedisError as exc:
             self._error("renew", exc)
             return False

@@ -69,13 +69,15 @@ class RedisLeases:
         self.observe("release", time.perf_counter() - t0)
 
     def renew(self, epoch: str, instance: str, ttl_ms: int, liveness_ms: int, join: bool,
-              nodes: list[NodeHoldings]) -> tuple[str | None, list[str], dict[str, int]]:
-        """Heartbeat and re-assert own leases (see ``scripts.RENEW``).
+              nodes: list[NodeHoldings], issued: int
+              ) -> tuple[str | None, list[str], dict[str, int]]:
+        """Heartbeat and re-assert own leases (see ``scripts.RENEW``); ``issued``: the last
+        lease number given out when ``nodes`` (the holdings) were read.
 
         Returns (Redis's epoch, or None if it is not ``epoch`` and this is no join; the live
         instance ids; each node's lease count).
         """
-        args: list[Any] = [epoch, instance, ttl_ms, liveness_ms, "1" if join else "0"]
+        args: list[Any] = [epoch, instance, ttl_ms, liveness_ms, "1" if join else "0", issued]
         for _, held, pending in nodes:
             args += [len(held), *held, len(pending), *pending]
         t0 = time.perf_counter()

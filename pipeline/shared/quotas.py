@@ -92,20 +92,19 @@ return 1
 """.replace("DAY_KEY_TTL_S", str(DAY_KEY_TTL_S))
 
 #: KEYS: epoch, then one in-flight zset per principal.
-#: ARGV: epoch, '1' to join (creates the epoch if missing), ttl ms, own lease prefix, then
-#: per zset: n held, held ids..., n pending, pending ids...
-#: Own held leases get a fresh expiry (re-asserted if Redis lost them); own leases neither
-#: held nor on their way are deleted (releases that never reached Redis). Returns {epoch} or
-#: {false} on a mismatch without join.
+#: ARGV: epoch, '1' to join (creates the epoch if missing), ttl ms, own lease prefix, the
+#: last lease number issued when the holdings were read, then per zset: n held, held ids...,
+#: n pending, pending ids... (``scripts.RECONCILE``). Returns {epoch} or {false} on a
+#: mismatch without join.
 RENEW = RECONCILE + """
 if ARGV[2] == '1' then redis.call('SET', KEYS[1], ARGV[1], 'NX') end
 local e = redis.call('GET', KEYS[1])
 if (not e) or (ARGV[2] ~= '1' and e ~= ARGV[1]) then return {false} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl, prefix = tonumber(ARGV[3]), ARGV[4]
-local a = 5
-for k = 2, #KEYS do a = reconcile(KEYS[k], a, now, ttl, prefix) end
+local ttl, prefix, issued = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+local a = 6
+for k = 2, #KEYS do a = reconcile(KEYS[k], a, now, ttl, prefix, issued) end
 return {e}
 """
 
@@ -173,9 +172,11 @@ class RedisQuotas:
         return bool(ok)
 
     def renew(self, epoch: str, join: bool, ttl_ms: int, own_prefix: str,
-              holdings: Iterable[Holdings]) -> str | None:
-        """Re-assert own leases (see ``RENEW``); Redis's epoch, or None if it lost state."""
-        keys, args = [self.epoch_key], [epoch, "1" if join else "0", ttl_ms, own_prefix]
+              holdings: Iterable[Holdings], issued: int) -> str | None:
+        """Re-assert own leases (see ``RENEW``); Redis's epoch, or None if it lost state.
+        ``issued``: the last lease number given out when ``holdings`` were read."""
+        keys = [self.epoch_key]
+        args: list[Any] = [epoch, "1" if join else "0", ttl_ms, own_prefix, issued]
         for principal, held, pending in holdings:
             keys.append(self.key(principal, "f"))
             args += [len(held), *held, len(pending), *pending]
