@@ -15,7 +15,9 @@ across two appliances, not 120. The modes are those of the shared node caps:
 - ``rejoining``: Redis answers again: own leases re-asserted (and own usage of today if Redis
   lost its state); for three heartbeats both the local share and Redis must admit.
 
-The instance id and the set of instances alive are the shared caps' (one heartbeat). Only
+The instance id, the set of instances alive and the Redis connections are the shared caps'
+(so a Sentinel failover they see moves the limits too); the limits' heartbeat is their own
+greenlet, which also sends releases and charges, so a renewal never races a release. Only
 ``Security`` makes one of these, and only with a Redis URL: without it the request path is
 exactly what it was.
 """
@@ -86,8 +88,9 @@ class SharedLimits:
         self.members = caps.members
         s = factory.config.sharedState
         assert s.redisUrl
-        self.store = RedisQuotas.from_url(s.redisUrl, s.keyPrefix, s.timeoutMs / 1000.0,
-                                          self._observe)
+        self._leases = caps.store  # its connections: a failover the caps see moves both
+        self._generation = caps.store.generation
+        self.store = RedisQuotas(caps.store.client, s.keyPrefix, self._observe)
         self._timed = {op: caps.metrics.redis_seconds.labels(op) for op in OPS} \
             if caps.metrics is not None else {}
         self._errors = caps.metrics.redis_errors if caps.metrics is not None else None
@@ -143,16 +146,16 @@ class SharedLimits:
         lease = self._new_lease() if cap is not None else None
         checked = self.mode is not Mode.SHARED
         if checked:
-            self._local(account, principal, who, limits, own, counts)
+            self._local(account, principal, who, limits, (day, own), counts)
         if self.mode is Mode.LOCAL or not limited(limits):
             return self._grant(account, key, counts, principal, lease)
         code, value = self._remote(principal, lease, limits, counts, day)
         if code is None:  # Redis failed just now: this instance is in local mode
             if not checked:
-                self._local(account, principal, who, limits, own, counts)
+                self._local(account, principal, who, limits, (day, own), counts)
             return self._grant(account, key, counts, principal, lease)
         if code == GRANTED:
-            account.allowance.seen = (value, own)
+            account.allowance.seen = (day, value, own)
             return self._grant(account, key, counts, principal, lease)
         raise _denied(code, value, who, limits)
 
@@ -162,6 +165,8 @@ class SharedLimits:
 
     def _remote(self, principal: str, lease: str | None, limits: LimitSettings, counts: bool,
                 day: int) -> tuple[int | None, int]:
+        if self._master_moved():
+            return None, 0
         if lease is not None:
             self.pending.setdefault(principal, set()).add(lease)
         s = self.settings()
@@ -184,8 +189,10 @@ class SharedLimits:
         return code, value
 
     def _local(self, account: Account, principal: str, who: Callable[[], str],
-               limits: LimitSettings, own: int, counts: bool) -> None:
-        """This instance's share of each limit (Denied over it): no Redis call."""
+               limits: LimitSettings, today: tuple[int, int], counts: bool) -> None:
+        """This instance's share of each limit (Denied over it): no Redis call. ``today``:
+        the UTC day and this instance's own tokens of it."""
+        day, own = today
         instances = self.members.for_shares()
 
         def part(limit: int) -> int:
@@ -194,7 +201,7 @@ class SharedLimits:
         quota = limits.tokensPerDay
         if counts and quota is not None:
             seen = account.allowance.seen  # what Redis counted, plus own use since: a floor
-            total = own if seen is None else seen[0] + max(0, own - seen[1])
+            total = own if seen is None or seen[0] != day else seen[1] + max(0, own - seen[2])
             if total >= quota or own >= part(quota):
                 raise over_quota(who(), max(total, own), quota)
         account.allowance.admit(who, Share(limits, part), 0, time.monotonic(), tokens=False)
@@ -273,6 +280,7 @@ class SharedLimits:
 
     def tick(self) -> None:
         """One heartbeat: renew (or rejoin), and end the rejoin window when due."""
+        self._master_moved()  # then rejoins on the new master at once, just below
         if self.mode is Mode.LOCAL:
             self._join()
             return
@@ -335,6 +343,16 @@ class SharedLimits:
         for m in MODES:
             self._mode_gauge.labels(m).set(float(self.mode.value == m))
 
+    def _master_moved(self) -> bool:
+        """The caps saw Sentinel name a new master (their pool, ours, moved there): local,
+        to rejoin there with own places re-asserted (replication may have lost them)."""
+        generation = self._leases.generation
+        if generation == self._generation:
+            return False
+        self._generation = generation
+        self._lose("Sentinel failover: rejoining on the new master")
+        return True
+
     def _lose(self, why: str) -> None:
         if self.mode is Mode.LOCAL:
             return
@@ -369,7 +387,7 @@ class SharedLimits:
         self._greenlet.kill(block=False)
         if self.mode is not Mode.LOCAL and self._factory() is not None:
             self._flush()
-        self.store.close()
+        self._leases.close()  # again: the flush above may have opened a connection
 
 
 def _denied(code: int, value: int, who: Callable[[], str], limits: LimitSettings) -> Denied:

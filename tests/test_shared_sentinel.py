@@ -12,14 +12,19 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import gevent
+import ollama
 import pytest
 import redis
 import requests
 
+from app.keys import hash_key, new_key
+from app.security import Security
 from pipeline.config import ConfigError, parse_config
 from pipeline.config_shared import parse_sentinel_url
+from pipeline.shared.connect import CLIENT_NAME
 from pipeline.shared.leases import GRANTED, RedisLeases
 from tests.redisserver import RedisProc, SentinelProc
 from tests.waiting import wait_until
@@ -221,3 +226,53 @@ def test_an_instance_leaves_the_old_master_on_the_sentinels_switch_not_a_heartbe
                       timeout=4.5, step=0.01)
     print(f"left the old master {time.monotonic() - t0:.2f} s after SENTINEL FAILOVER")
     assert caps.mode == "local"  # and rejoins on the new master at its next heartbeat
+
+
+def _data_connections(port: int) -> int:
+    """The appliance's connections on that Redis (it names them; the sentinel's and the
+    replica's are not)."""
+    client = redis.Redis(port=port, socket_timeout=1)
+    try:
+        return sum(1 for c in client.client_list() if c.get("name") == CLIENT_NAME)
+    finally:
+        client.close()
+
+
+def _mode_changes(limits: Any) -> list[tuple[str, str]]:
+    """(to, reason) of each mode change the limits make from now on."""
+    changes: list[tuple[str, str]] = []
+    enter = limits._enter
+
+    def recorded(mode: Any, why: str) -> None:
+        changes.append((mode.value, why))
+        enter(mode, why)
+
+    limits._enter = recorded
+    return changes
+
+
+def test_key_limits_leave_the_old_master_with_the_caps(fake_node, appliance, replicated):
+    """Per-key limits count in the same Redis as the caps: when the caps see the sentinel
+    name a new master, no limit is counted on the old one any more (not by a kept
+    connection either), and the limits go local to rejoin on the new master, re-asserting
+    their places (replication is asynchronous: the new master may lack the latest)."""
+    replica, sentinel = replicated
+    key = new_key()
+    node = fake_node(["tiny"], profile="fast")
+    slow = {**SHARED, "heartbeatMs": 5000}  # nothing periodic: the switch alone must do it
+    app = appliance([node], sharedState={"redisUrl": sentinel.url, **slow}, security={
+        "apiKeys": [{"name": "team", "hash": hash_key(key), "requestsPerMinute": 1000}]})
+    caps, limits = app.factory.shared, Security.of(app.factory).shared_limits
+    client = ollama.Client(host=f"http://127.0.0.1:{app.port}",
+                           headers={"Authorization": f"Bearer {key}"})
+    assert wait_until(lambda: limits.mode != "local", timeout=5)
+    changes = _mode_changes(limits)
+    assert client.generate(model="tiny", prompt="hi").done  # counted on the master
+    old = sentinel.master.port
+    assert _data_connections(old) >= 1
+    assert sentinel.failover()
+    assert wait_until(lambda: caps.store.pool.master_address == ("127.0.0.1", replica.port),
+                      timeout=4.5, step=0.01)
+    assert client.generate(model="tiny", prompt="hi").done
+    assert wait_until(lambda: _data_connections(old) == 0, timeout=3), "still on the old master"
+    assert ("local", "Sentinel failover: rejoining on the new master") in changes, changes

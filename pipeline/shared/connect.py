@@ -27,9 +27,13 @@ class BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool)
     """Sentinel's master discovery with the blocking pool's wait for a free connection."""
 
 
+CLIENT_NAME = "ollama-lb"  # CLIENT LIST on Redis shows which connections are the appliance's
+
+
 def short_timeouts(timeout_s: float) -> dict[str, Any]:
     return {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
-            "retry": Retry(NoBackoff(), 0)}  # no retry: a caller falls back at once
+            "retry": Retry(NoBackoff(), 0),  # no retry: a caller falls back at once
+            "client_name": CLIENT_NAME}
 
 
 def sentinel_listener(sentinel: Sentinel, wait_s: float) -> redis.Redis:

@@ -36,6 +36,7 @@ class RedisLeases:
         self.client, self._single, self.sentinel = connect(url, timeout_s, max_connections)
         self.pool = self.client.connection_pool
         self.generation = 0  # +1 at each Sentinel failover seen: subscriptions start again
+        self._subscribed: set[Any] = set()  # open subscriptions: left at a failover too
         self._acquire = self.client.register_script(ACQUIRE)
         self._renew = self.client.register_script(RENEW)
 
@@ -111,6 +112,8 @@ class RedisLeases:
         self.pool.disconnect()  # in use too: nothing more reaches the old master
         self.pool.get_master_address()  # the pool names the new master from now on
         self.generation += 1
+        for ps in list(self._subscribed):  # its reader ends and subscribes on the new one
+            ps.connection.disconnect()
         return f"{old[0]}:{old[1]} -> {named[0]}:{named[1]}"
 
     def switches(self, wait_s: float, running: Callable[[], bool]) -> Iterator[bool]:
@@ -158,16 +161,22 @@ class RedisLeases:
         generation = self.generation
         try:
             ps.subscribe(*(c.decode() for c in kinds))
+            self._subscribed.add(ps)
             while running() and generation == self.generation:
                 try:
                     msg = ps.parse_response(block=True)
                 except redis.TimeoutError:
                     yield None
                     continue
+                except redis.ConnectionError:
+                    if generation != self.generation:
+                        return  # master_moved() closed it: the caller subscribes again
+                    raise
                 if isinstance(msg, list) and len(msg) == 3 and msg[0] == b"message" and (
                         msg[1] in kinds):
                     yield kinds[msg[1]], msg[2].decode()
         finally:
+            self._subscribed.discard(ps)
             ps.close()
             sub.close()
 

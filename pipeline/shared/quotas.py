@@ -112,11 +112,12 @@ Holdings = tuple[str, list[str], list[str]]  # principal, own held lease ids, pe
 
 
 class RedisQuotas:
-    """Limit operations on one Redis client (the shared caps' pool), each timed."""
+    """Limit operations on one Redis client (the shared caps', so that a Sentinel failover
+    the caps see moves both), each timed."""
 
     def __init__(self, client: redis.Redis, prefix: str,
                  observe: Callable[[str, float], None] = lambda op, s: None) -> None:
-        self.client = client  # an own pool: the caps' is closed first at shutdown
+        self.client = client
         self.prefix = "{" + prefix + "}"
         self.observe = observe
         self._admit = client.register_script(ADMIT)
@@ -127,8 +128,8 @@ class RedisQuotas:
     def from_url(cls, url: str, prefix: str, timeout_s: float,
                  observe: Callable[[str, float], None] = lambda op, s: None,
                  max_connections: int = 64) -> RedisQuotas:
-        """Its own pool (plain or through Sentinel, ``connect``): every call, and the wait
-        for a free connection, ends within ``timeout_s``."""
+        """With a pool of its own (plain or through Sentinel, ``connect``), for tools and
+        tests: every call, and the wait for a free connection, ends within ``timeout_s``."""
         client, _, _ = connect(url, timeout_s, max_connections)
         return cls(client, prefix, observe)
 
