@@ -104,8 +104,8 @@ class Allowance:
         self.bucket: TokenBucket | None = None
         self.in_flight = 0
         self.live: set[Grant] = set()  # admitted and not released (revoked on key removal)
-        # shared limits only: (tokens used today as Redis last said, own used then)
-        self.seen: tuple[int, int] | None = None
+        # shared limits only: (UTC day, its tokens as Redis last said, own tokens of it then)
+        self.seen: tuple[int, int, int] | None = None
 
     def admit(self, who: Callable[[], str], limits: LimitSettings, used_today: int,
               now: float, *, tokens: bool) -> None:

@@ -300,3 +300,36 @@ def test_shared_admission_cost_on_loopback(redis_proc, fake_node, appliance):
     print(f"admission + release: local {medians['local'] * 1e6:.1f} us, shared "
           f"{medians['shared'] * 1e6:.1f} us (median of 400)")
     assert medians["shared"] < 0.05
+
+
+def spend(app, until: int) -> int:
+    """Small replies with the key until ``until`` tokens are spent, or a refusal."""
+    client, spent = ollama.Client(host=app.url, headers=bearer()), 0
+    for _ in range(40):  # bounded
+        try:
+            reply = client.generate(model="m", prompt="x", options={"num_predict": 3})
+        except ollama.ResponseError as exc:
+            assert exc.status_code == 429
+            break
+        spent += reply.prompt_eval_count + reply.eval_count
+        if spent >= until:
+            break
+    return spent
+
+
+@needs_redis
+def test_a_new_utc_day_starts_from_zero_in_local_mode_too(redis_proc, fake_node, appliance,
+                                                          monkeypatch):
+    """What Redis last counted is yesterday's once the UTC day turns: an instance that lost
+    Redis must not count tokens others spent yesterday against a key's quota today. (The day
+    is the one clock a test cannot wait for: ``utc_day`` is moved on by one.)"""
+    node = fake_node(["m"])
+    a, b = pair(appliance, node, redis_proc.url, tokensPerDay=40)
+    assert 28 <= spend(b, 28) < 40  # the other instance spends most of today's quota
+    assert spend(a, 1) > 0  # A admits once: what Redis counted (28 or more) is what it saw
+    tomorrow = int(time.time() // 86400) + 1
+    for where in ("app.sharedlimits", "app.security", "app.usage", "app.usagestore"):
+        monkeypatch.setattr(f"{where}.utc_day", lambda wall=None: tomorrow)
+    redis_proc.kill()  # local mode: A's share of a fresh day is 20 tokens (40 over 2)
+    assert spend(a, 20) >= 20  # yesterday's 28 counted against today would stop it at 12
+    assert limits_mode(a) == "local"
