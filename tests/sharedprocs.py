@@ -88,6 +88,17 @@ class ApplianceProc:
         self.out.close()
 
 
+def served(nodes: list[Any]) -> int:
+    """Requests the simulated nodes received, all of them."""
+    return sum(n.stats.requests for n in nodes)
+
+
+def more_traffic(nodes: list[Any], n: int = 15) -> bool:
+    """Wait until the nodes served ``n`` more requests: the phase ran under load."""
+    start = served(nodes)
+    return wait_until(lambda: served(nodes) >= start + n, timeout=5, step=0.02)
+
+
 def write_config(path: Path, nodes: list[Any], caps: list[int], redis_url: str,
                  workers: int = 1) -> Path:
     cfg = {"server": {"host": "127.0.0.1", "port": 0, "drainSeconds": 1, "workers": workers},

@@ -12,23 +12,19 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import Any
 
 import redis
 
 from tests.redisserver import needs_redis
-from tests.sharedprocs import SHARED, ApplianceProc, Load, over_cap_report, write_config
+from tests.sharedprocs import (
+    SHARED,
+    ApplianceProc,
+    Load,
+    more_traffic,
+    over_cap_report,
+    write_config,
+)
 from tests.waiting import wait_until
-
-
-def _served(nodes: list[Any]) -> int:
-    return sum(n.stats.requests for n in nodes)
-
-
-def _more_traffic(nodes: list[Any], n: int = 15) -> bool:
-    """Wait until the nodes served ``n`` more requests: the phase ran under load."""
-    start = _served(nodes)
-    return wait_until(lambda: _served(nodes) >= start + n, timeout=5, step=0.02)
 
 
 def _newest(proc: ApplianceProc) -> str:
@@ -72,19 +68,19 @@ def test_no_node_gets_more_than_its_cap_with_two_workers_and_a_peer_while_redis_
         first_workers = set(procs[0].modes())
         assert len(first_workers) == 2  # each worker is an instance of its own
         load = Load(procs, clients=12)
-        assert _more_traffic(nodes, 30)  # in shared mode first
+        assert more_traffic(nodes, 30)  # in shared mode first
         redis_proc.kill()
         assert wait_until(lambda: everyone("local"), timeout=3)
-        assert _more_traffic(nodes)
+        assert more_traffic(nodes)
         redis_proc.start()  # empty: every lease and the epoch are gone
         assert wait_until(lambda: everyone("shared"), timeout=5)
-        assert _more_traffic(nodes)
+        assert more_traffic(nodes)
         redis_proc.freeze()
         assert wait_until(lambda: everyone("local"), timeout=3)
-        assert _more_traffic(nodes)
+        assert more_traffic(nodes)
         redis_proc.thaw()
         assert wait_until(lambda: everyone("shared"), timeout=5)
-        assert _more_traffic(nodes)
+        assert more_traffic(nodes)
         dead = set(procs[1].modes())
         procs[1].killed = True
         procs[1].p.kill()  # its leases stay in Redis until their TTL
@@ -107,7 +103,7 @@ def test_no_node_gets_more_than_its_cap_with_two_workers_and_a_peer_while_redis_
         assert wait_until(lambda: len(procs[0].modes()) >= 3 and procs[0].modes()[
             _newest(procs[0])] == "shared", timeout=10)  # the master's new worker joined
         load.worker_killed = False
-        assert _more_traffic(nodes)
+        assert more_traffic(nodes)
         load.stop()
     finally:
         if load is not None:
