@@ -20,6 +20,7 @@ from flask import Blueprint, Response, current_app, request
 
 from app.clientwatch import watching
 from app.errors import error_response, json_response
+from app.meter import GRANT
 from pipeline.errors import PipelineError
 from pipeline.factory import PipelineFactory
 from pipeline.fanout import DIGEST, PIECE, Combined
@@ -63,10 +64,11 @@ def _begin(operation: str, model: str = "", stream: bool = False) -> ManagementC
     """Count the request in (raises SHUTTING_DOWN once the appliance stops)."""
     rid = (request.headers.get("X-Request-ID") or request.headers.get("X-Correlation-ID")
            or new_request_id())
+    grant = request.environ.get(GRANT)  # the access line names the key that asked for it
     return factory().management.begin(
         operation, request.method, request.path, model, request_id=rid,
         client=request.remote_addr or "", correlation_id=request.headers.get("X-Correlation-ID"),
-        stream=stream)
+        stream=stream, key=grant.key if grant is not None else None)
 
 
 def _answer(call: ManagementCall, resp: Response, outcome: str) -> Response:

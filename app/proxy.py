@@ -16,6 +16,7 @@ from flask import Blueprint, Response, current_app, request
 from app.bodypeek import FACTS_KEY
 from app.clientwatch import watching
 from app.errors import error_response, json_response, openai_error, plain
+from app.meter import GRANT
 from pipeline.endpoints import endpoint_for
 from pipeline.errors import ErrorCode, PipelineError
 from pipeline.factory import PipelineFactory
@@ -78,9 +79,11 @@ def submit(env: dict[str, Any], f: PipelineFactory, path: str, body: bytes,
     """Submit, wait, and hand back the reply (an error as a ``Response`` in the API's shape)."""
     rid = request_id(env)
     headers = tuple((name, env[key]) for key, name in FORWARDED if key in env)
+    grant = env.get(GRANT)  # the gate's admission; its key is a name, None without keys
     req = InferenceRequest(path=path, body=body, method=method, model=model, headers=headers,
                            request_id=rid, client=env.get("REMOTE_ADDR") or "", facts=facts,
-                           correlation_id=env.get("HTTP_X_CORRELATION_ID"))
+                           correlation_id=env.get("HTTP_X_CORRELATION_ID"),
+                           key=grant.key if grant is not None else None)
     try:
         ticket = f.pipeline.submit(req)
         with watching(env.get("ollama_lb.socket"), ticket):

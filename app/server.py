@@ -28,7 +28,7 @@ from gevent.event import Event
 from app import logs, notify
 from app.netutil import adopt_listener, listen_fds, make_listener
 from app.reload import ConfigWatcher, ReloadState
-from app.security import Security
+from app.security import Security, exposure
 from app.tls import TlsTerminator
 from app.transport import ApplianceServer, ClientHandler
 from app.web import create_app
@@ -110,6 +110,9 @@ class OllamaLoadBalancerApplication:
         listener, source = choose_listener(host, port, config.server.backlog)
         self.host, self.port = (host, listener.getsockname()[1]) if source == "bound" else (
             listener.getsockname()[:2])
+        # what is open beyond loopback, judged where the socket listens: --host and a systemd
+        # socket override server.host, and the bound address is the one clients can reach
+        exposure(config, listener.getsockname()[0])
         factory = self.factory
         self.tls = tls.start() if tls is not None else None
         self.server = ApplianceServer(listener, app, lambda: factory.config.server, self.tls)
@@ -235,7 +238,7 @@ class OllamaLoadBalancerApplication:
         first = ticket.first_byte_at
         access.info("request", extra={
             "event": "request", "request_id": req.request_id,
-            "correlation_id": req.correlation_id, "client": req.client,
+            "correlation_id": req.correlation_id, "client": req.client, "key": req.key,
             "method": req.method, "path": req.path, "model": ticket.model_raw or None,
             "node": ticket.node_id, "status": ticket.status, "attempts": ticket.attempts,
             "queue_wait_ms": round(ticket.queue_wait * 1000, 2),

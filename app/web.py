@@ -10,7 +10,7 @@ from werkzeug.exceptions import HTTPException
 from app import admin, auth, cors, manage, models_admin, ops, proxy
 from app.errors import http_error_response, unhandled_error_response
 from app.fastlane import FastLane
-from app.security import Security, exposure
+from app.security import Security
 from pipeline.factory import PipelineFactory
 
 
@@ -29,7 +29,6 @@ def create_app(factory: PipelineFactory, reload_state: Any = None) -> Flask:
     # model-routed POSTs skip Flask's request cycle (and meter themselves)
     app.wsgi_app = FastLane(app.wsgi_app,  # type: ignore[method-assign]
                             lambda: app.extensions["ollama_lb"], sec)
-    exposure(factory.config, factory.config.server.host)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:

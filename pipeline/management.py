@@ -95,12 +95,12 @@ class Management:
 
     def begin(self, operation: str, method: str, path: str, model: str = "", *,
               request_id: str, client: str = "", correlation_id: str | None = None,
-              stream: bool = False) -> ManagementCall:
+              stream: bool = False, key: str | None = None) -> ManagementCall:
         """Count a request in; raises SHUTTING_DOWN (503) once the appliance stops."""
         if not self.accepting():
             raise PipelineError(ErrorCode.SHUTTING_DOWN, "server shutting down", retry_after=5)
         req = InferenceRequest(path=path, body=b"", method=method, request_id=request_id,
-                               client=client, correlation_id=correlation_id)
+                               client=client, correlation_id=correlation_id, key=key)
         ticket = Ticket(req, float("inf"))
         ticket.endpoint = Operation(path)
         ticket.model = canonical(model) if model else None

@@ -40,6 +40,7 @@ class InferenceRequest:
     client: str = "library"
     timeout_s: float | None = None  # overrides timeouts.requestTimeoutMs
     facts: Any = None  # pipeline.validation.Facts when the caller parsed the body already
+    key: str | None = None  # the API key's configured name, never the key: for the access log
 
     @classmethod
     def of_prompt(

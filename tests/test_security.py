@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import socket
 import subprocess
 import sys
 
@@ -19,6 +20,8 @@ import pytest
 import requests
 import yaml
 from conftest import assert_no_leaks, lb_config
+from test_transport import ActivatedProc
+from waiting import wait_until
 
 from app.keys import hash_key, new_key
 from app.logs import JsonFormatter
@@ -252,6 +255,36 @@ def test_without_keys_management_answers_loopback_only_and_never_through_a_proxy
         model="m", prompt="x").done  # inference stays open to everyone
 
 
+def access_lines(logs) -> list[dict]:
+    """The access log's lines (logger ``ollama_lb.access``), parsed."""
+    lines = [json.loads(x) for x in logs.getvalue().splitlines()]
+    return [x for x in lines if x["logger"] == "ollama_lb.access"]
+
+
+def test_the_access_line_names_the_key_that_made_the_request_never_the_key(
+        fake_node, appliance, logs):
+    node = fake_node(["llama3.2"])
+    lb = appliance([node], security={"apiKeys": KEYS})
+    client = ollama.Client(host=lb.url, headers=bearer(INFER))
+    client.generate(model="llama3.2", prompt="x")  # the fast lane
+    assert [c.done for c in client.chat(model="llama3.2", stream=True,
+                                        messages=[{"role": "user", "content": "hi"}])][-1]
+    requests.post(f"{lb.url}/api/embed", json={"model": "llama3.2", "input": "x"}, timeout=5,
+                  headers={**bearer(MANAGER), "Origin": "http://a.example"})  # through Flask
+    ollama.Client(host=lb.url, headers=bearer(MANAGER)).copy("llama3.2", "copied")  # manage
+    assert wait_until(lambda: len(access_lines(logs)) == 4), access_lines(logs)
+    assert [(x["path"], x.get("key", "absent")) for x in access_lines(logs)] == [
+        ("/api/generate", "team-search"), ("/api/chat", "team-search"),
+        ("/api/embed", "ops"), ("/api/copy", "ops")]
+    assert INFER not in logs.getvalue() and MANAGER not in logs.getvalue()
+    open_lb = appliance([node])  # without keys: the line says so
+    ollama.Client(host=open_lb.url, headers=bearer("node-credential")).generate(
+        model="llama3.2", prompt="x")
+    assert wait_until(lambda: len(access_lines(logs)) == 5)
+    assert access_lines(logs)[-1]["key"] is None
+    assert "node-credential" not in logs.getvalue()
+
+
 def test_trusted_proxies_pass_the_forwarded_client_on(fake_node, appliance, logs):
     lb = appliance([fake_node(["m"])], server={"trustedProxies": ["127.0.0.0/8"]})
     ollama.Client(host=lb.url, headers={"X-Forwarded-For": "203.0.113.5, 127.0.0.2"}
@@ -294,10 +327,50 @@ def test_the_start_log_says_what_is_open_beyond_loopback(fake_node, logs):
                             ({"apiKeys": KEYS}, "API keys required")):
         cfg = parse_config({**lb_config([fake_node(["m"])]), "security": security,
                             "server": {"host": "0.0.0.0", "port": 0}})
-        factory = PipelineFactory(cfg)
-        create_app(factory)
-        line = json.loads([x for x in logs.getvalue().splitlines() if "exposure" in x][-1])
+        OllamaLoadBalancerApplication(cfg, watch=False, health_checks=False).start().shutdown(
+            drain_s=0)  # bound on 0.0.0.0, never sent to
+        line = exposure_line(logs)
         assert words in line["msg"] and line["level"] == "WARNING", line
+
+
+def exposure_line(logs) -> dict:
+    """The last start-up exposure line the appliance logged."""
+    return [x for x in map(json.loads, logs.getvalue().splitlines())
+            if x.get("event") == "exposure"][-1]
+
+
+def test_the_start_log_judges_the_address_it_listens_on_not_server_host(fake_node, logs):
+    """``ollama-lb --host 0.0.0.0`` with a config that says 127.0.0.1 listens beyond loopback:
+    the warning must be there (and no false alarm the other way round)."""
+    node = fake_node(["m"])
+    for config_host, host, level, words in (("127.0.0.1", "0.0.0.0", "WARNING", "NO API KEYS"),
+                                            ("0.0.0.0", "127.0.0.1", "INFO", "loopback only")):
+        cfg = parse_config(lb_config([node], server={"host": config_host}))
+        app = OllamaLoadBalancerApplication(cfg, host=host, watch=False,
+                                            health_checks=False).start()
+        try:
+            line = exposure_line(logs)
+            assert (line["level"], line["host"]) == (level, host) and words in line["msg"], line
+            assert requests.get(f"http://127.0.0.1:{app.port}/health", timeout=5).ok
+        finally:
+            app.shutdown(drain_s=0)
+
+
+def test_the_start_log_judges_a_systemd_socket_by_where_it_listens(fake_node, tmp_path):
+    """A socket unit listening on every address, a config that says 127.0.0.1: the warning."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"server": {"host": "127.0.0.1", "port": 0},
+                                      "nodes": [{"id": "n0", "url": fake_node(["m"]).url}]}))
+    with socket.socket() as listener:
+        listener.bind(("0.0.0.0", 0))  # only bound: the test sends nothing to it
+        listener.listen(16)
+        proc = ActivatedProc(config, listener)
+        try:
+            line = proc.wait_for("exposure")
+            assert (line["level"], line["host"]) == ("WARNING", "0.0.0.0"), line
+            assert "NO API KEYS" in line["msg"]
+        finally:
+            assert proc.stop() == 0
 
 
 # --- reload -----------------------------------------------------------------------------------
