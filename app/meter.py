@@ -14,6 +14,7 @@ with one error line in the stream's own format, and the node's stream is closed.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -23,8 +24,9 @@ from app.tokencount import TokenCounter
 from pipeline.endpoints import ANTHROPIC, OPENAI, api_for
 
 GRANT = "ollama_lb.grant"
-#: how a stream's error line starts (native, OpenAI, Anthropic): the reply failed after all
-ERROR_STARTS = (b'{"error"', b'data: {"error"', b"event: error")
+#: a stream's error line (native, OpenAI, Anthropic) at the start of a piece or of any of its
+#: lines (a piece is every line that arrived in one read): the reply failed after all
+ERROR_LINE = re.compile(rb'(?:^|\n)(?:\{"error"|data: \{"error"|event: error)')
 REVOKED = "API key revoked"
 StartResponse = Callable[..., Any]
 
@@ -80,7 +82,7 @@ class Metered:
                     self.first_at = time.monotonic()
                 if counter is not None:
                     counter.observe(chunk)
-                if chunk.startswith(ERROR_STARTS) and self.streamed:
+                if ERROR_LINE.search(chunk) is not None and self.streamed:
                     self.failed = True
             yield chunk
 

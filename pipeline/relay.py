@@ -21,6 +21,16 @@ from pipeline.request import Ticket
 from pipeline.upstream import TRANSPORT_ERRORS, UpstreamResponse, describe
 
 
+def whole_lines_before_the_first_bad(piece: bytes) -> bytes:
+    """The NDJSON lines of a piece up to the first that is not one JSON object."""
+    good = []
+    for line in piece.splitlines(keepends=True):
+        if not (line.startswith(b"{") and line.endswith(b"}\n")):
+            break
+        good.append(line)
+    return b"".join(good)
+
+
 class StreamRelay:
     """Relays one node stream; registered in ``live`` until closed."""
 
@@ -44,8 +54,9 @@ class StreamRelay:
 
     def lines(self) -> Iterator[bytes]:
         """The stream's complete lines, as many as have arrived in one piece per read."""
-        read, idle, pending = self.resp.read1, self.idle, b""
+        idle, pending = self.idle, b""
         try:
+            read = self.resp.body_reader()
             while data := read():
                 if idle is not None:
                     idle.touch()
@@ -56,6 +67,8 @@ class StreamRelay:
                 piece = pending + data[: end + 1] if pending else data[: end + 1]
                 pending = data[end + 1 :]
                 if (problem := self._check(piece)) is not None:
+                    if good := whole_lines_before_the_first_bad(piece):
+                        yield good
                     yield problem
                     return
                 yield piece
@@ -68,15 +81,21 @@ class StreamRelay:
             yield self._broken(exc)
 
     def _check(self, piece: bytes) -> bytes | None:
-        """None for a good piece; else the error line that ends the stream."""
+        """None for a good piece; else the error line that ends the stream.
+
+        A piece holds every line that arrived in one read. On NDJSON each line must be one
+        object: starting with ``{`` and ending with ``}``, so every newline but the last sits
+        between ``}`` and ``{`` (JSON strings hold no raw newline), two counts per piece.
+        """
         self.last_line = piece
-        if self.ndjson and not (piece.startswith(b"{") and piece.endswith(b"}\n")):
+        if self.ndjson and not (piece.startswith(b"{") and piece.endswith(b"}\n")
+                                and piece.count(b"\n") == piece.count(b"}\n{") + 1):
             reason = f"node {self.node.id}: malformed line in the stream"
             self.lease.failed(reason)
             self.outcome = "STREAM_BROKEN"
             self.complete = True
             return self.error_line(reason)
-        if piece.startswith(b'{"error"'):
+        if piece.startswith(b'{"error"') or b'\n{"error"' in piece:
             self.lease.failed(f"node {self.node.id}: error in stream")
             self.outcome = "STREAM_ERROR"
         return None

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import http.client
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
 from urllib3.exceptions import HTTPError as Urllib3Error
 
+from pipeline.chunked import ChunkedReader, waiting_recv
 from pipeline.wire import fast_connections
 
 STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
@@ -105,6 +106,20 @@ class UpstreamResponse:
         if not data:
             self._consumed = True
         return data
+
+    def body_reader(self) -> Callable[[], bytes]:
+        """What reads the rest of the body as it arrives, b"" at its end: a chunked body is
+        decoded straight off the socket (``pipeline/chunked.py``), anything else through
+        http.client. Called before anything of the body was read."""
+        fp, sock = self.fp, self.conn.sock
+        if not fp.chunked or fp.chunk_left is not None or fp.fp is None or sock is None:
+            return self.read1
+        return ChunkedReader(waiting_recv(sock), fp.fp.read1, self._read_to_end).read
+
+    def _read_to_end(self) -> None:
+        """The body ended: the connection can be lent again once the response is closed."""
+        self._consumed = True
+        self.fp._close_conn()  # type: ignore[attr-defined]  # what http.client does at the end
 
     def iter_content(self) -> Iterator[bytes]:
         """The body as it arrives: one piece per HTTP chunk, never waiting to fill a buffer."""

@@ -13,6 +13,7 @@ from gevent import monkey
 monkey.patch_all(thread=False, queue=False, select=False)
 
 import json
+import os
 import socket
 import sys
 import time
@@ -20,6 +21,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import gevent
+
+KEY = os.environ.get("STREAM_KEY", "")  # an API key for every stream, if set
 
 
 def one_stream(url: str, path: str, body: bytes, timeout: float = 120) -> dict[str, Any]:
@@ -31,7 +34,8 @@ def one_stream(url: str, path: str, body: bytes, timeout: float = 120) -> dict[s
     try:
         with gevent.Timeout(timeout), socket.create_connection((host, port)) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            auth = f"Authorization: Bearer {KEY}\r\n" if KEY else ""
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{auth}"
                          f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
                          f"Connection: close\r\n\r\n".encode() + body)
             f = sock.makefile("rb")

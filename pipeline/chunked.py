@@ -1,0 +1,158 @@
+"""A node's chunked stream, decoded straight off its socket.
+
+http.client decodes a chunked body one chunk per call through six Python layers (read1, the
+chunk-size line through the buffered reader and ``SocketIO``, the data, the CRLF): for a token
+stream, where every chunk is one line, that is most of what relaying a line costs. A proxy
+needs less: read what has arrived in one ``recv`` and take every whole chunk out of it in one
+pass. ``ChunkedReader.read()`` does that, with http.client's limits and errors (a size line
+longer than its limit or not hexadecimal, a missing CRLF after a chunk's data: a protocol
+error; the connection closing before the last chunk: ``IncompleteRead``), so a broken stream
+is reported as one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from http.client import IncompleteRead, LineTooLong
+from typing import Any
+
+RECV_BYTES = 65536  # above the head reader's buffer size: its read1 then leaves it empty
+MAX_LINE = 65536  # http.client's _MAXLINE, for a chunk-size line and each trailer line
+_DATA, _CRLF, _SIZE, _TRAILER, _DONE = range(5)
+
+
+class ChunkFramingError(IncompleteRead):
+    """The node's chunked framing is broken (not hexadecimal, no CRLF where one must be)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(b"")
+        self.why = why
+
+    def __str__(self) -> str:
+        return f"bad chunked framing: {self.why}"
+
+
+class ChunkedReader:
+    """Decodes one chunked body; ``read()`` gives the data of every chunk that has arrived."""
+
+    __slots__ = ("_buf", "_first", "_left", "_on_done", "_recv", "_state")
+
+    def __init__(self, recv: Callable[[int], bytes], first: Callable[[int], bytes],
+                 on_done: Callable[[], None]) -> None:
+        self._recv = recv  # the socket's recv: blocks until something arrives, b"" at EOF
+        #: the head's buffered reader: what it already took off the socket, else one recv
+        self._first: Callable[[int], bytes] | None = first
+        self._on_done = on_done  # once, when the body has ended
+        self._buf = b""
+        self._state = _SIZE
+        self._left = 0  # data bytes still to come in the current chunk
+
+    @property
+    def done(self) -> bool:
+        """The last chunk and its trailers were read: the connection can carry another request."""
+        return self._state == _DONE
+
+    def read(self) -> bytes:
+        """At least one byte of chunk data, or b"" once the body has ended; waits for the node."""
+        while self._state != _DONE:
+            out = self._decode() if self._buf else b""
+            if out:
+                return out
+            if self._state == _DONE:
+                break
+            if self._first is not None:
+                data, self._first = self._first(RECV_BYTES), None
+            else:
+                data = self._recv(RECV_BYTES)
+            if not data:
+                raise IncompleteRead(b"", self._left or None)
+            self._buf = self._buf + data if self._buf else data
+        self._on_done()
+        return b""
+
+    def _decode(self) -> bytes:
+        """Every chunk's data that ``_buf`` holds; what is left of a chunk stays for later."""
+        buf, pos, out = self._buf, 0, []
+        state, left, end = self._state, self._left, len(self._buf)
+        while pos < end:
+            if state == _DATA:
+                take = min(left, end - pos)
+                out.append(buf[pos:pos + take])
+                pos += take
+                left -= take
+                if left:
+                    break
+                state = _CRLF
+            elif state == _CRLF:
+                if end - pos < 2:
+                    break
+                if buf[pos:pos + 2] != b"\r\n":
+                    raise ChunkFramingError("no CRLF after a chunk's data")
+                pos += 2
+                state = _SIZE
+            elif state == _SIZE:
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    _check_line(end - pos)
+                    break
+                try:  # the common line: hex digits alone
+                    left = int(buf[pos:eol], 16) if eol - pos <= 16 else -1
+                except ValueError:
+                    left = -1
+                if left < 0:  # an extension, a long line, or no size at all
+                    left = _chunk_size(buf[pos:eol])
+                pos = eol + 2
+                state = _DATA if left else _TRAILER
+            else:  # _TRAILER: lines up to an empty one (trailer fields are not forwarded)
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    _check_line(end - pos)
+                    break
+                state = _DONE if eol == pos else _TRAILER
+                pos = eol + 2
+                if state == _DONE:
+                    break
+        self._buf, self._state, self._left = buf[pos:], state, left
+        return out[0] if len(out) == 1 else b"".join(out)
+
+
+def waiting_recv(sock: Any) -> Callable[[int], bytes]:
+    """A gevent socket's ``recv`` that waits for the socket to be readable before asking.
+
+    gevent's own tries first and waits on EAGAIN; on a token stream, where the next line
+    is never there yet when the last one was read, that is one failed system call and one
+    exception per line. This waits first, and asks again at once only after a read that
+    filled its buffer (more may be waiting).
+    """
+    raw, wait, event = sock._sock.recv, sock._wait, sock._read_event
+    full = [False]
+
+    def recv(size: int) -> bytes:
+        while True:
+            if not full[0]:
+                wait(event)
+            try:
+                data: bytes = raw(size)
+            except BlockingIOError:
+                full[0] = False
+                continue
+            full[0] = len(data) == size
+            return data
+
+    return recv
+
+
+def _chunk_size(line: bytes) -> int:
+    _check_line(len(line))
+    try:
+        size = int(line.split(b";", 1)[0], 16)
+    except ValueError:
+        raise ChunkFramingError(f"chunk size {line[:20]!r} is not hexadecimal") from None
+    if size < 0:
+        raise ChunkFramingError("negative chunk size")
+    return size
+
+
+def _check_line(length: int) -> None:
+    if length > MAX_LINE:
+        raise LineTooLong("chunk size")
