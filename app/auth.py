@@ -27,7 +27,7 @@ from flask import Flask, Request, Response, current_app, request
 from app import denials
 from app.bodypeek import models_named
 from app.errors import json_response
-from app.keys import ApiKey
+from app.keys import ApiKey, bearer
 from app.limits import Denied, limited
 from app.meter import GRANT, Meter
 from app.security import Security
@@ -72,15 +72,8 @@ def credential(environ: dict[str, Any]) -> str | None:
     """The presented key: a Bearer token, else ``x-api-key``; None if neither."""
     header = environ.get("HTTP_AUTHORIZATION")
     if header is not None:
-        scheme, _, value = header.strip().partition(" ")
-        return (value.strip() or None) if scheme.lower() == "bearer" else None
+        return bearer(header)
     return environ.get("HTTP_X_API_KEY") or None
-
-
-def strip_credentials(environ: dict[str, Any]) -> None:
-    """Checked: the key goes no further (not to nodes, logs or any later code)."""
-    environ.pop("HTTP_AUTHORIZATION", None)
-    environ.pop("HTTP_X_API_KEY", None)
 
 
 def _denied(env: dict[str, Any], status: int, reason: str, key: str | None) -> None:
@@ -155,12 +148,14 @@ def gate(env: dict[str, Any], route: Route, sec: Security) -> Response | None:
 def _with_key(env: dict[str, Any], route: Route, sec: Security, cfg: Config, cls: str
               ) -> Response | None:
     path = env["PATH_INFO"]
-    given = credential(env)
-    key = sec.keyring.lookup(given) if given else None
+    # the key is taken out of the request: once checked (valid or not) it goes no further,
+    # not to nodes, logs or any later code
+    authorization = env.pop("HTTP_AUTHORIZATION", None)
+    api_key = env.pop("HTTP_X_API_KEY", None) if "HTTP_X_API_KEY" in env else None
+    key = sec.keyring.presented(authorization, api_key)
     if key is None:
         _denied(env, 401, "unauthorized", None)
         return denials.unauthorized(path)
-    strip_credentials(env)
     env[KEY] = key
     need = "manage" if cls == MANAGE else "inference"
     if need not in key.scopes:
@@ -169,10 +164,10 @@ def _with_key(env: dict[str, Any], route: Route, sec: Security, cfg: Config, cls
     if key.patterns:
         names = models_named(route.endpoint or "", route.rule or path, route.view_args, env,
                              cfg.server.maxBodyBytes)
-        bad = next((n for n in names if not key.allows_model(n)), None)
-        if bad is not None:
-            return _refuse(env, sec, key.name, "model",
-                           f"forbidden: key '{key.name}' may not use model '{bad}'")
+        for name in names:
+            if not key.allows_model(name):
+                return _refuse(env, sec, key.name, "model",
+                               f"forbidden: key '{key.name}' may not use model '{name}'")
     try:
         env[GRANT] = sec.admit_key(key, cls == INFERENCE and env["REQUEST_METHOD"] == "POST")
     except Denied as exc:

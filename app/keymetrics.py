@@ -99,9 +99,8 @@ class KeyMetrics:
 
     def finished(self, key: str, error: bool, tokens_in: int, tokens_out: int,
                  ttft: float | None) -> None:
-        st = self.stats.get(key)
-        if st is None:
-            st = self.stats[key] = KeyStats()
+        stats = self.stats
+        st = stats[key] if key in stats else stats.setdefault(key, KeyStats())
         st.requests += 1
         st.errors += error
         st.tokens_in += tokens_in

@@ -5,6 +5,13 @@ nobody can search a 2^256 space, and a fast digest keeps the request path cheap 
 password hash exists for guessable secrets, which these are not). A presented key is hashed
 once, looked up in a dict and the stored digest compared with ``hmac.compare_digest``.
 
+A client sends the same header on every request, so the ring remembers, per distinct header
+value that named a valid key, which key it named (``MAX_REMEMBERED`` values, forgotten all at
+once when full; an unknown key is never remembered, so guessing fills nothing). The ring is
+rebuilt on every change of the keys, so a removed or re-hashed key is forgotten with it. A
+remembered value is found by the dict's hash (SipHash, keyed per process) before any byte of
+it is compared, so its lookup tells a guesser nothing a digest lookup would not.
+
 A key's ``models`` are globs on the canonical model name (``pipeline.modelname.canonical``):
 ``llama3.2*`` means ``registry.ollama.ai/library/llama3.2*``, so it allows ``llama3.2``,
 ``llama3.2:1b`` and ``llama3.2-vision``, whatever spelling the client uses; ``*`` allows all.
@@ -16,18 +23,26 @@ import fnmatch
 import hashlib
 import hmac
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline.config import ApiKeyConfig
 from pipeline.modelname import DEFAULT_HOST, DEFAULT_NAMESPACE, DEFAULT_TAG, canonical
 
 KEY_PREFIX = "olb_"  # lets secret scanners (and people) recognise a leaked key
 GLOB_CHARS = "*?["
+MAX_REMEMBERED = 64  # distinct credential header values whose key the ring remembers
+MAX_MODELS_REMEMBERED = 256  # per key: model names whose allow-list verdict it remembers
 
 
 def hash_key(key: str) -> str:
     """The ``hash`` value a config stores for ``key``: ``sha256:<64 hex digits>``."""
     return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def bearer(header: str) -> str | None:
+    """The key of an ``Authorization`` header: a Bearer token, else None."""
+    scheme, _, value = header.strip().partition(" ")
+    return (value.strip() or None) if scheme.lower() == "bearer" else None
 
 
 def new_key() -> str:
@@ -63,12 +78,20 @@ class ApiKey:
     config: ApiKeyConfig
     scopes: frozenset[str]
     patterns: tuple[str, ...]  # canonical globs; empty: every model
-
-    @property
-    def name(self) -> str:
-        return self.config.name
+    name: str  # the config's: a field, read on every request, not a property
+    #: raw model name -> verdict: a client names the same few models again and again
+    verdicts: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
 
     def allows_model(self, raw: str) -> bool:
+        verdict = self.verdicts.get(raw)
+        if verdict is None:
+            verdict = self._judge(raw)
+            if len(self.verdicts) >= MAX_MODELS_REMEMBERED:
+                self.verdicts.clear()
+            self.verdicts[raw] = verdict
+        return verdict
+
+    def _judge(self, raw: str) -> bool:
         if not self.patterns:
             return True
         name = canonical(raw) if raw else ""
@@ -77,14 +100,17 @@ class ApiKey:
 
 
 class KeyRing:
-    """The configured keys by digest; rebuilt on every config change (a reload)."""
+    """The configured keys by digest; rebuilt on every change of the keys (a reload)."""
 
     def __init__(self, keys: tuple[ApiKeyConfig, ...]) -> None:
         self.by_hash: dict[str, ApiKey] = {}
         self.by_name: dict[str, ApiKey] = {}
+        #: credential header values that named a valid key: Authorization, x-api-key
+        self._bearers: dict[str, ApiKey] = {}
+        self._api_keys: dict[str, ApiKey] = {}
         for cfg in keys:
             key = ApiKey(cfg, frozenset(cfg.scopes),
-                         tuple(canonical_pattern(m) for m in cfg.models))
+                         tuple(canonical_pattern(m) for m in cfg.models), cfg.name)
             self.by_hash[cfg.hash] = key
             self.by_name[cfg.name] = key
 
@@ -97,4 +123,25 @@ class KeyRing:
         key = self.by_hash.get(digest)
         if key is None or not hmac.compare_digest(key.config.hash, digest):
             return None
+        return key
+
+    def presented(self, authorization: str | None, api_key: str | None) -> ApiKey | None:
+        """The key a request's ``Authorization`` header names (a Bearer token), else its
+        ``x-api-key`` header; None if neither names a configured key."""
+        if authorization is not None:
+            key = self._bearers.get(authorization)
+            return key if key is not None else self._remember(
+                self._bearers, authorization, bearer(authorization))
+        if not api_key:
+            return None
+        key = self._api_keys.get(api_key)
+        return key if key is not None else self._remember(self._api_keys, api_key, api_key)
+
+    def _remember(self, seen: dict[str, ApiKey], header: str, given: str | None
+                  ) -> ApiKey | None:
+        key = self.lookup(given) if given else None
+        if key is not None:
+            if len(seen) >= MAX_REMEMBERED:
+                seen.clear()
+            seen[header] = key
         return key

@@ -67,7 +67,8 @@ def seconds_to_utc_midnight(wall: float | None = None) -> float:
 
 
 class TokenBucket:
-    """``per_minute`` tokens, refilled continuously; holds at most a minute's worth."""
+    """``per_minute`` tokens, refilled continuously; holds at most a minute's worth. A token
+    is taken in ``Allowance.admit`` (inline: it runs on every admitted request)."""
 
     __slots__ = ("capacity", "level", "rate", "stamp")
 
@@ -81,15 +82,6 @@ class TokenBucket:
         self.capacity = float(per_minute)
         self.rate = per_minute / 60.0
         self.level = min(self.level, self.capacity)
-
-    def take(self, now: float) -> float:
-        """0.0 if a token was taken, else the seconds until one will be there."""
-        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.level >= 1.0:
-            self.level -= 1.0
-            return 0.0
-        return (1.0 - self.level) / self.rate
 
     def full(self, now: float) -> bool:
         return self.level + (now - self.stamp) * self.rate >= self.capacity
@@ -120,14 +112,22 @@ class Allowance:
         rpm = limits.requestsPerMinute
         if rpm is None:
             self.bucket = None
-        else:
-            if self.bucket is None:
-                self.bucket = TokenBucket(rpm, now)
-            elif self.bucket.capacity != rpm:
-                self.bucket.resize(rpm)
-            wait = self.bucket.take(now)
-            if wait:
-                raise over_rate(who(), rpm, wait)
+            return
+        bucket = self.bucket
+        if bucket is None:
+            bucket = self.bucket = TokenBucket(rpm, now)
+        elif bucket.capacity != rpm:
+            bucket.resize(rpm)
+        # take a token: refill for the time since the last one, capped at a minute's worth
+        level = bucket.level + (now - bucket.stamp) * bucket.rate
+        if level > bucket.capacity:
+            level = bucket.capacity
+        bucket.stamp = now
+        if level >= 1.0:
+            bucket.level = level - 1.0
+            return
+        bucket.level = level
+        raise over_rate(who(), rpm, (1.0 - level) / bucket.rate)
 
     def idle(self, now: float) -> bool:
         """Nothing to remember: no request in flight and a full bucket (or none)."""
@@ -147,12 +147,13 @@ class Grant:
                  "started")
 
     def __init__(self, allowance: Allowance, account: Any, key: str | None,
-                 counts_tokens: bool) -> None:
+                 counts_tokens: bool, started: float | None = None) -> None:
         self.allowance = allowance
         self.account = account  # app.usage.Account: what the reply is charged to
         self.key = key  # the key's name, or None (a client address without keys)
         self.counts_tokens = counts_tokens
-        self.started = time.monotonic()
+        # the admission's clock reading, when it had one: no second one per request
+        self.started = time.monotonic() if started is None else started
         self.released = False
         self.revoked = False
         allowance.in_flight += 1

@@ -115,27 +115,33 @@ class Security:
     # --- admission and the end of a request ---------------------------------------------------
 
     def admit_key(self, key: ApiKey, counts_tokens: bool) -> Grant:
-        """Raises Denied over a limit of the key."""
-        account = self.book.key(key.name)
-        account.allowance.admit(lambda: f"key '{key.name}'", key.config,
-                                account.used_today(utc_day()), time.monotonic(),
+        """Raises Denied over a limit of the key. Today's tokens are summed only for a key
+        with a quota, and one clock reading serves the bucket and the grant."""
+        name, limits, accounts = key.name, key.config, self.book.keys
+        account = accounts[name] if name in accounts else self.book.key(name)
+        used = (account.used_today(utc_day())
+                if counts_tokens and limits.tokensPerDay is not None else 0)
+        now = time.monotonic()
+        account.allowance.admit(lambda: f"key '{name}'", limits, used, now,
                                 tokens=counts_tokens)
-        return Grant(account.allowance, account, key.name, counts_tokens)
+        return Grant(account.allowance, account, name, counts_tokens, now)
 
     def admit_client(self, address: str, limits: LimitSettings, counts_tokens: bool) -> Grant:
         now = time.monotonic()
         account = self.book.client(address, now)
-        account.allowance.admit(lambda: f"client {address}", limits,
-                                account.used_today(utc_day()), now, tokens=counts_tokens)
-        return Grant(account.allowance, account, None, counts_tokens)
+        used = (account.used_today(utc_day())
+                if counts_tokens and limits.tokensPerDay is not None else 0)
+        account.allowance.admit(lambda: f"client {address}", limits, used, now,
+                                tokens=counts_tokens)
+        return Grant(account.allowance, account, None, counts_tokens, now)
 
     def finish(self, reply: Metered) -> None:
         """The reply is closed: give the place back, then charge what it used."""
         grant = reply.grant
         if not grant.release():
             return
-        tokens_in, tokens_out = (reply.counter.counts(reply.streamed)
-                                 if reply.counter is not None else (0, 0))
+        counter = reply.counter
+        tokens_in, tokens_out = counter.counts() if counter is not None else (0, 0)
         error = reply.status >= 400 or reply.cut or reply.failed
         grant.account.charge(utc_day(), 1, int(error), tokens_in, tokens_out)
         if grant.key is not None:

@@ -7,9 +7,10 @@ Responses API report ``input_tokens``/``output_tokens``. The last value seen of 
 
 Only chunks that mention a count are searched, and of a large one only the head and the
 tail, where every API puts them, so a long stream or a big embedding costs a substring test
-per chunk. A stream that ends without a completion count (cut short, or an OpenAI stream
-without usage) is charged one completion token per frame it delivered: Ollama sends a frame
-per token.
+per chunk; one ``findall`` reads every count of a chunk. A stream that ends without a
+completion count (cut short, or an OpenAI stream without usage) is charged one completion
+token per frame it delivered: Ollama sends a frame per token. Frames are counted only in a
+stream: a whole (non-streamed) reply has none to fall back on.
 """
 
 from __future__ import annotations
@@ -23,34 +24,35 @@ WINDOW = 4096  # bytes searched at each end of a large chunk
 
 
 class TokenCounter:
-    __slots__ = ("frames", "sse", "tokens_in", "tokens_out")
+    __slots__ = ("frame", "frames", "streamed", "tokens_in", "tokens_out")
 
     def __init__(self, content_type: str) -> None:
-        self.sse = "event-stream" in content_type
+        sse = "event-stream" in content_type
+        self.streamed = sse or "ndjson" in content_type  # as app/meter.py's Metered.streamed
+        #: what starts (SSE) or ends (NDJSON) a frame; None: not a stream
+        self.frame = b"data:" if sse else (b"\n" if self.streamed else None)
         self.frames = 0
         self.tokens_in: int | None = None
         self.tokens_out: int | None = None
 
     def observe(self, chunk: bytes) -> None:
-        self.frames += chunk.count(b"data:") if self.sse else chunk.count(b"\n")
+        if self.frame is not None:
+            self.frames += chunk.count(self.frame)
         if b'_count"' not in chunk and b'_tokens"' not in chunk:
             return
-        if len(chunk) > 2 * WINDOW:
-            self._search(chunk[:WINDOW])
-            self._search(chunk[-WINDOW:])
-        else:
-            self._search(chunk)
-
-    def _search(self, data: bytes) -> None:
-        for m in _COUNT.finditer(data):
-            if m.group(1) in _IN:
-                self.tokens_in = int(m.group(2))
+        found = (_COUNT.findall(chunk) if len(chunk) <= 2 * WINDOW
+                 else _COUNT.findall(chunk[:WINDOW]) + _COUNT.findall(chunk[-WINDOW:]))
+        for name, value in found:
+            if name in _IN:
+                self.tokens_in = int(value)
             else:
-                self.tokens_out = int(m.group(2))
+                self.tokens_out = int(value)
 
-    def counts(self, streamed: bool) -> tuple[int, int]:
-        """(prompt tokens, completion tokens) of the whole reply."""
+    def counts(self, streamed: bool | None = None) -> tuple[int, int]:
+        """(prompt tokens, completion tokens) of the whole reply. ``streamed``: whether the
+        reply was a stream, if not the counter's own reading of its type."""
         out = self.tokens_out
         if out is None:
-            out = max(0, self.frames - 1) if streamed else 0  # the last frame is the end
+            stream = self.streamed if streamed is None else streamed
+            out = max(0, self.frames - 1) if stream else 0  # the last frame is the end
         return self.tokens_in or 0, out
