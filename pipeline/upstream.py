@@ -20,6 +20,7 @@ import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from gevent.ssl import SSLSocket
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
 from urllib3.exceptions import HTTPError as Urllib3Error
@@ -114,7 +115,10 @@ class UpstreamResponse:
         fp, sock = self.fp, self.conn.sock
         if not fp.chunked or fp.chunk_left is not None or fp.fp is None or sock is None:
             return self.read1
-        return ChunkedReader(waiting_recv(sock), fp.fp.read1, self._read_to_end).read
+        # a TLS socket's recv decrypts, and may hold decrypted bytes with nothing to read on
+        # the socket: it keeps gevent's own recv
+        recv = sock.recv if isinstance(sock, SSLSocket) else waiting_recv(sock)
+        return ChunkedReader(recv, fp.fp.read1, self._read_to_end).read
 
     def _read_to_end(self) -> None:
         """The body ended: the connection can be lent again once the response is closed."""

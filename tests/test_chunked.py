@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from http.client import HTTPException, IncompleteRead
+from typing import Any
 
 import gevent
 import pytest
@@ -12,6 +13,7 @@ from gevent.server import StreamServer
 
 from pipeline.chunked import ChunkedReader, ChunkFramingError
 from pipeline.upstream import UpstreamClient
+from tests import certs
 
 HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n")
@@ -54,9 +56,9 @@ def test_broken_framing_is_an_http_error(wire, error):
     assert isinstance(caught.value, HTTPException)
 
 
-def serve(replies: list[bytes], step: int, seen: list[int]) -> StreamServer:
+def serve(replies: list[bytes], step: int, seen: list[int], **tls: Any) -> StreamServer:
     """A node that answers each request on one kept-alive connection with the next reply,
-    written ``step`` bytes at a time with a pause between them."""
+    written ``step`` bytes at a time with a pause between them (over TLS with ``tls``)."""
 
     def handle(sock, _addr):
         seen.append(1)
@@ -69,18 +71,30 @@ def serve(replies: list[bytes], step: int, seen: list[int]) -> StreamServer:
                 gevent.sleep(0.001)
         sock.close()
 
-    server = StreamServer(("127.0.0.1", 0), handle)
+    server = StreamServer(("127.0.0.1", 0), handle, **tls)
     server.start()
     return server
 
 
 def test_a_stream_read_through_the_socket_ends_cleanly_and_its_connection_is_reused():
+    read_twice_on_one_connection("http", {})
+
+
+@pytest.mark.skipif(certs.WHY_NOT is not None, reason=str(certs.WHY_NOT))
+def test_a_stream_from_an_https_node_is_read_through_tls(tmp_path, monkeypatch):
+    ca = certs.make_ca(tmp_path / "pki", "node-ca")
+    cert, key = ca.issue("node")
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca.cert))  # the default context trusts the test CA
+    read_twice_on_one_connection("https", {"certfile": str(cert), "keyfile": str(key)})
+
+
+def read_twice_on_one_connection(scheme: str, tls: dict[str, str]) -> None:
     seen: list[int] = []
     first = HEAD + chunked(LINES[:10], trailer=b"X-Done: 1\r\n")
     second = HEAD + chunked(LINES[10:])
-    server = serve([first, second], 7, seen)
+    server = serve([first, second], 7, seen, **tls)
     client = UpstreamClient()
-    url = f"http://127.0.0.1:{server.server_port}"
+    url = f"{scheme}://127.0.0.1:{server.server_port}"
     try:
         got = []
         for _ in range(2):
