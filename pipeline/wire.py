@@ -11,6 +11,7 @@ framing and keep-alive logic.
 from __future__ import annotations
 
 import http.client
+import queue
 import re
 from typing import Any
 
@@ -203,10 +204,48 @@ class OneWriteRequest:
         return host if self.port == self.default_port else f"{host}:{self.port}"
 
 
+class PoolSlots:
+    """A urllib3 pool's idle connections as a plain list, last in first out.
+
+    urllib3 keeps them in a ``queue.LifoQueue``, made for threads: its lock and condition
+    variable cost about twenty Python calls for each lend and return, on every request. The
+    appliance lends from one thread (greenlets), never blocks for a connection (its pools do
+    not block), so a list answers what urllib3 asks (``get``/``put`` without blocking, raising
+    ``queue.Empty``/``queue.Full`` as the queue does).
+    """
+
+    __slots__ = ("items", "maxsize")
+
+    def __init__(self, old: queue.LifoQueue[Any]) -> None:
+        self.maxsize = old.maxsize
+        self.items: list[Any] = []
+        while True:  # the pool's initial places (None: a connection not made yet)
+            try:
+                self.items.append(old.get(block=False))
+            except queue.Empty:
+                break
+        self.items.reverse()  # the queue's next-out is the list's last
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        try:
+            return self.items.pop()
+        except IndexError:
+            raise queue.Empty from None
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if len(self.items) >= self.maxsize > 0:
+            raise queue.Full
+        self.items.append(item)
+
+    def qsize(self) -> int:
+        return len(self.items)
+
+
 def fast_connections(pool: Any) -> Any:
     """Make a urllib3 pool's connections send each request in one write and read response
-    heads with ``FastResponse``."""
+    heads with ``FastResponse``, and keep its idle connections in a list."""
     base = pool.ConnectionCls
     pool.ConnectionCls = type(f"Fast{base.__name__}", (OneWriteRequest, base),
                               {"response_class": FastResponse})
+    pool.pool = PoolSlots(pool.pool)
     return pool

@@ -7,6 +7,7 @@ import urllib3
 from gevent.server import StreamServer
 
 from pipeline.upstream import UpstreamClient
+from tests.waiting import wait_until
 
 REPLY = (b"HTTP/1.1 200 OK\r\n"
          b"Content-Type: application/json; charset=utf-8\r\n"
@@ -102,3 +103,38 @@ def test_a_request_written_in_one_piece_reads_as_urllib3_would_have_sent_it():
     assert theirs_bare.startswith(b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1:")
     assert b"User-Agent: python-urllib3/" in theirs_bare
 
+
+
+def test_a_pool_keeps_at_most_its_size_of_idle_connections_and_lends_the_newest_first():
+    """Connections beyond the pool's size are closed when given back (the pool never blocks);
+    the kept ones are lent again, the last returned first."""
+    opened: list[object] = []
+    closed: list[object] = []
+
+    def handle(sock, _addr):
+        opened.append(sock)
+        f = sock.makefile("rb")
+        while f.readline():
+            while f.readline() not in (b"\r\n", b""):
+                pass
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        closed.append(sock)
+
+    server = StreamServer(("127.0.0.1", 0), handle)
+    server.start()
+    client = UpstreamClient()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        held = [client.send(url, "GET", "/x", None, {}, 1.0, 1.0, pool_size=2) for _ in range(4)]
+        assert [r.content for r in held] == [b"ok"] * 4 and len(opened) == 4
+        socks = [r.conn.sock for r in held]
+        for r in held:
+            r.close()
+        assert wait_until(lambda: len(closed) == 2)  # two over the size: closed, not kept
+        again = client.send(url, "GET", "/x", None, {}, 1.0, 1.0, pool_size=2)
+        assert again.content == b"ok" and again.conn.sock is socks[1]  # the last one kept
+        again.close()
+        assert len(opened) == 4 and client.checked_out == 0
+    finally:
+        client.close()
+        server.stop()
