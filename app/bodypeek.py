@@ -23,19 +23,25 @@ MANAGE_NAMES = {"manage.pull": ("model", "name"), "manage.delete": ("model", "na
                 "manage.copy": ("source", "destination")}
 NOT_A_NAME = "(not a string)"
 FACTS_KEY = "ollama_lb.facts"  # environ: the body's Facts, when the gate had to parse it
+BODY_KEY = "ollama_lb.buffered_body"  # environ: the body, when the gate read it (in the limit)
 
 
 def buffer_body(environ: dict[str, Any], limit: int) -> bytes | None:
     """The body, with the environ's input replaced by it; None if over the limit (the view
-    answers 413 as it always does)."""
+    answers 413 as it always does). Within the limit it is also left as is under
+    ``BODY_KEY``, so that a model-routed view takes it without reading it again."""
     length = environ.get("CONTENT_LENGTH")
     if length and length.isdigit() and int(length) > limit:
         return None
     body = environ["wsgi.input"].read(limit + 1)
-    environ["wsgi.input"] = io.BytesIO(body)
-    environ["CONTENT_LENGTH"] = str(len(body))
+    environ["wsgi.input"] = io.BytesIO(body)  # for a view that reads the input (management)
+    size = len(body)
+    environ["CONTENT_LENGTH"] = str(size)
     environ.pop("HTTP_TRANSFER_ENCODING", None)  # the bytes are all here now
-    return body if len(body) <= limit else None
+    if size > limit:
+        return None
+    environ[BODY_KEY] = body
+    return body
 
 
 def models_named(endpoint: str, rule: str, view_args: dict[str, Any] | None,

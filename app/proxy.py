@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from flask import Blueprint, Response, current_app, request
 
-from app.bodypeek import FACTS_KEY
+from app.bodypeek import BODY_KEY, FACTS_KEY
 from app.clientwatch import watching
 from app.errors import error_response, json_response, openai_error, plain
 from app.meter import GRANT
@@ -44,7 +44,12 @@ def request_id(environ: dict[str, Any] | None = None) -> str:
 
 def _read_body(environ: dict[str, Any], limit: int) -> bytes:
     """The body, bounded; the hot path reads the WSGI environ directly (one lookup each)
-    rather than through Flask's request proxy."""
+    rather than through Flask's request proxy. A body the gate already read (a key with a
+    model allow-list) is taken as it left it, not read again from a copy."""
+    if BODY_KEY in environ:
+        body: bytes = environ[BODY_KEY]
+        if len(body) <= limit:
+            return body
     length = environ.get("CONTENT_LENGTH")
     if length and length.isdigit() and int(length) > limit:
         raise PipelineError(ErrorCode.PAYLOAD_TOO_LARGE,
@@ -138,7 +143,8 @@ def proxied(env: dict[str, Any], f: PipelineFactory) -> Reply | Response:
     path = env["PATH_INFO"]
     try:
         body = _read_body(env, f.config.server.maxBodyBytes)
-        facts = env.get(FACTS_KEY) or _large_body_facts(path, body)
+        facts = env.get(FACTS_KEY) or (
+            _large_body_facts(path, body) if len(body) >= OFF_HUB_BYTES else None)
     except PipelineError as err:
         return error_response(err, path)
     return submit(env, f, path, body, facts=facts)
