@@ -117,28 +117,33 @@ class StreamHandle:
         self.closed = False
 
     def lines(self) -> Iterator[bytes]:
-        """Each upstream line with its newline, as it arrives; an error ends with an error line."""
+        """The upstream lines with their newlines as they arrive (every line that arrived in
+        one read in one piece); an error ends with an error line."""
         return self._lines
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self.chunks()
 
     def chunks(self) -> Iterator[dict[str, Any]]:
-        """Parsed NDJSON objects (or SSE ``data:`` payloads); raises on an error line."""
-        for raw in self._lines:
-            line = raw.strip()
-            if not line:
-                continue
-            if line.startswith(b"data:"):
-                line = line[5:].strip()
-                if line == b"[DONE]":
+        """Parsed NDJSON objects (or SSE ``data:`` payloads); raises on an error line. A piece
+        of ``lines()`` holds every line that arrived in one read."""
+        for piece in self._lines:
+            for raw in piece.splitlines():
+                line = raw.strip()
+                if not line:
                     continue
-            obj = json.loads(line)
-            if isinstance(obj, dict) and "error" in obj:
-                err = obj["error"]
-                msg = err.get("message", str(err)) if isinstance(err, dict) else str(err)
-                raise PipelineError(ErrorCode.UPSTREAM, msg)
-            yield obj
+                if line.startswith(b"data:"):
+                    line = line[5:].strip()
+                    if line == b"[DONE]":
+                        continue
+                elif line.startswith(b"event:"):
+                    continue  # an SSE event name: its data line follows
+                obj = json.loads(line)
+                if isinstance(obj, dict) and "error" in obj:
+                    err = obj["error"]
+                    msg = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+                    raise PipelineError(ErrorCode.UPSTREAM, msg)
+                yield obj
 
     def close(self) -> None:
         if not self.closed:
