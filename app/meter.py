@@ -52,7 +52,7 @@ class Metered:
     """An admitted request's reply on its way out."""
 
     __slots__ = ("closed", "content_type", "counter", "cut", "failed", "finish", "first_at",
-                 "grant", "inner", "path", "status")
+                 "grant", "inner", "path", "status", "streamed")
 
     def __init__(self, inner: Iterable[bytes], grant: Grant, status: int, content_type: str,
                  path: str, finish: Callable[[Metered], None]) -> None:
@@ -67,9 +67,11 @@ class Metered:
         self.cut = False  # ended because the key was revoked
         self.failed = False  # a stream that ended with an error line
         self.closed = False
+        #: a stream (NDJSON or SSE): only then can a piece carry an error line
+        self.streamed = "ndjson" in content_type or "event-stream" in content_type
 
     def __iter__(self) -> Iterator[bytes]:
-        grant, counter = self.grant, self.counter
+        grant, counter, streamed = self.grant, self.counter, self.streamed
         for chunk in self.inner:
             if grant.revoked:
                 self.cut = True
@@ -82,13 +84,9 @@ class Metered:
                     self.first_at = time.monotonic()
                 if counter is not None:
                     counter.observe(chunk)
-                if ERROR_LINE.search(chunk) is not None and self.streamed:
+                if streamed and ERROR_LINE.search(chunk) is not None:
                     self.failed = True
             yield chunk
-
-    @property
-    def streamed(self) -> bool:
-        return "ndjson" in self.content_type or "event-stream" in self.content_type
 
     def close(self) -> None:
         if self.closed:
