@@ -21,6 +21,7 @@ _COUNT = re.compile(rb'"(prompt_eval_count|eval_count|prompt_tokens|completion_t
                     rb'input_tokens|output_tokens)":\s*(\d+)')
 _IN = {b"prompt_eval_count", b"prompt_tokens", b"input_tokens"}
 WINDOW = 4096  # bytes searched at each end of a large chunk
+NAME_REACH = 16  # from a count's opening quote to its ``_count"``/``_tokens"``: at most 12
 
 
 class TokenCounter:
@@ -38,10 +39,14 @@ class TokenCounter:
     def observe(self, chunk: bytes) -> None:
         if self.frame is not None:
             self.frames += chunk.count(self.frame)
-        if b'_count"' not in chunk and b'_tokens"' not in chunk:
+        count_at, tokens_at = chunk.find(b'_count"'), chunk.find(b'_tokens"')
+        if count_at < 0 and tokens_at < 0:
             return
-        found = (_COUNT.findall(chunk) if len(chunk) <= 2 * WINDOW
-                 else _COUNT.findall(chunk[:WINDOW]) + _COUNT.findall(chunk[-WINDOW:]))
+        if len(chunk) <= 2 * WINDOW:  # searched from the first count on, where they all are
+            first = count_at if tokens_at < 0 or 0 <= count_at < tokens_at else tokens_at
+            found = _COUNT.findall(chunk, max(0, first - NAME_REACH))
+        else:
+            found = _COUNT.findall(chunk[:WINDOW]) + _COUNT.findall(chunk[-WINDOW:])
         for name, value in found:
             if name in _IN:
                 self.tokens_in = int(value)
