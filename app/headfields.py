@@ -200,10 +200,14 @@ class Fields(OldMessage):
 
 def check_framing(fields: OldMessage) -> None:
     """One unambiguous body length, as RFC 9112 §6 asks of a server behind or before proxies:
-    no two different Content-Lengths, no Transfer-Encoding but plain ``chunked``."""
+    no two different Content-Lengths, no Transfer-Encoding but plain ``chunked``, and not both
+    (a proxy in front may have framed the body by the other one: RFC 9112 §6.3 lets a server
+    refuse that, and nginx does)."""
     lengths = {v.strip() for v in fields.get_all("content-length") or ()}
     if len(lengths) > 1:
         raise ValueError(f"conflicting Content-Length headers: {sorted(lengths)}")
     codings = fields.get_all("transfer-encoding") or ()
+    if codings and lengths:
+        raise ValueError("both Content-Length and Transfer-Encoding")
     if codings and [c.strip().lower() for c in codings] != ["chunked"]:
         raise ValueError(f"unsupported Transfer-Encoding: {', '.join(codings)}")

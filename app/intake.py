@@ -7,8 +7,8 @@ that stalls ends as an unhandled error (500). Here every limit is a setting unde
 ``server.``, the answers are Ollama's (``{"error": ...}``, OpenAI's object on ``/v1``):
 
 - a header line that is not ``name: value`` (folded, space before the colon), two different
-  Content-Lengths or a Transfer-Encoding other than ``chunked``: 400 (request smuggling is
-  made of these) and closed;
+  Content-Lengths, a Transfer-Encoding other than ``chunked``, or both a Content-Length and a
+  Transfer-Encoding: 400 (request smuggling is made of these) and closed;
 - request line over ``maxRequestLineBytes``, headers over ``maxHeaderBytes`` in all or more
   than ``maxHeaderCount`` lines: 431, and the connection is closed (Go's net/http, so Ollama,
   answers 431 for both as well);
