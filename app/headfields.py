@@ -202,8 +202,10 @@ def check_framing(fields: OldMessage) -> None:
     """One unambiguous body length, as RFC 9112 §6 asks of a server behind or before proxies:
     no two different Content-Lengths, no Transfer-Encoding but plain ``chunked``, and not both
     (a proxy in front may have framed the body by the other one: RFC 9112 §6.3 lets a server
-    refuse that, and nginx does)."""
+    refuse that, and nginx does); each length only digits."""
     lengths = {v.strip() for v in fields.get_all("content-length") or ()}
+    for length in lengths:
+        check_length(length)
     if len(lengths) > 1:
         raise ValueError(f"conflicting Content-Length headers: {sorted(lengths)}")
     codings = fields.get_all("transfer-encoding") or ()
@@ -211,3 +213,11 @@ def check_framing(fields: OldMessage) -> None:
         raise ValueError("both Content-Length and Transfer-Encoding")
     if codings and [c.strip().lower() for c in codings] != ["chunked"]:
         raise ValueError(f"unsupported Transfer-Encoding: {', '.join(codings)}")
+
+
+def check_length(value: str) -> None:
+    """A Content-Length is ASCII digits and nothing else (RFC 9110 §8.6): Python's ``int``
+    would also take ``+5``, ``1_0`` or a superscript digit, which a proxy in front may read
+    otherwise."""
+    if not (value.isascii() and value.isdigit()):
+        raise ValueError(f"invalid Content-Length: {value[:20]!r}")

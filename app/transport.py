@@ -32,7 +32,7 @@ from gevent import socket as gsocket
 from gevent.pywsgi import WSGIHandler, WSGIServer, unquote_latin1
 
 from app.connlimit import ConnectionLimiter, client_ip
-from app.headfields import Fields, Head, read_fields, whole_head
+from app.headfields import Fields, Head, check_length, read_fields, whole_head
 from app.intake import Deadline, DeadlineInput, HeadRejected, Throttled, error_reply
 from app.netutil import linger_rst, tune_accepted
 from app.tls import TlsTerminator
@@ -181,9 +181,8 @@ class ClientHandler(WSGIHandler):
             del fields["content-length"]
         length: int | None = None
         if "content-length" in first:
-            length = int(first["content-length"])  # ValueError: 400, as pywsgi's
-            if length < 0:
-                raise ValueError(f"Invalid Content-Length: {length!r}")
+            check_length(first["content-length"])  # ValueError: 400, as pywsgi's int()
+            length = int(first["content-length"])
             if length and self.command == "HEAD":
                 raise ValueError("Unexpected Content-Length")
         self.content_length = length
