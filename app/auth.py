@@ -151,7 +151,7 @@ def _with_key(env: dict[str, Any], route: Route, sec: Security, cfg: Config, cls
     # the key is taken out of the request: once checked (valid or not) it goes no further,
     # not to nodes, logs or any later code
     authorization = env.pop("HTTP_AUTHORIZATION", None)
-    api_key = env.pop("HTTP_X_API_KEY", None) if "HTTP_X_API_KEY" in env else None
+    api_key = env.pop("HTTP_X_API_KEY", None)
     key = sec.keyring.presented(authorization, api_key)
     if key is None:
         _denied(env, 401, "unauthorized", None)

@@ -16,8 +16,9 @@ from gevent.pywsgi import OldMessage
 
 from app.intake import HeadRejected
 
+_TCHAR = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]"  # what a header name is made of (RFC 9110 token)
 # a header line: a token, then a colon at once (no obs-fold, no space before the colon)
-FIELD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:")
+FIELD = re.compile(rf"{_TCHAR}+:".encode())
 
 
 def read_fields(fp: Any, max_bytes: int, max_count: int) -> Fields:
@@ -53,7 +54,7 @@ def read_fields(fp: Any, max_bytes: int, max_count: int) -> Fields:
 # (blanks before a line end are looked for apart: ``whole_head``). Anything else (bare LF,
 # obs-fold, a stray CR, an odd request line) is left to read_fields and pywsgi's parsing,
 # which give today's answers. Possessive runs of character classes: one pass, no backtracking.
-_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]++"
+_TOKEN = _TCHAR + "++"
 _VALUE = r"[^\x00-\x08\x0a-\x1f\x7f\x85\xa0]*+"  # after the blanks that lead it
 PLAIN_HEAD = re.compile(
     rf"(\S++) (\S++) (HTTP/1\.[01])\r\n((?:{_TOKEN}:[ \t]*+{_VALUE}\r\n)*+)\r\n")
@@ -89,8 +90,11 @@ def whole_head(data: bytes, end: int, max_line: int, max_bytes: int, max_count: 
     if len(pairs) > max_count:
         return None
     fields = Fields(pairs, stripped=True)
-    if fields.repeated or "transfer-encoding" in fields.first:
-        check_framing(fields)
+    first = fields.first
+    if fields.repeated or "transfer-encoding" in first:
+        check_framing(fields)  # what read_fields checks of every head
+    elif "content-length" in first:
+        check_length(first["content-length"])  # the one framing rule a single field needs
     return Head(f"{m[1]} {m[2]} {m[3]}", m[1], m[2], m[3], fields)
 
 

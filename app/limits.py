@@ -67,8 +67,7 @@ def seconds_to_utc_midnight(wall: float | None = None) -> float:
 
 
 class TokenBucket:
-    """``per_minute`` tokens, refilled continuously; holds at most a minute's worth. A token
-    is taken in ``Allowance.admit`` (inline: it runs on every admitted request)."""
+    """``per_minute`` tokens, refilled continuously; holds at most a minute's worth."""
 
     __slots__ = ("capacity", "level", "rate", "stamp")
 
@@ -82,6 +81,15 @@ class TokenBucket:
         self.capacity = float(per_minute)
         self.rate = per_minute / 60.0
         self.level = min(self.level, self.capacity)
+
+    def take(self, now: float) -> float:
+        """0.0 if a token was taken, else the seconds until one will be there."""
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.level >= 1.0:
+            self.level -= 1.0
+            return 0.0
+        return (1.0 - self.level) / self.rate
 
     def full(self, now: float) -> bool:
         return self.level + (now - self.stamp) * self.rate >= self.capacity
@@ -118,16 +126,9 @@ class Allowance:
             bucket = self.bucket = TokenBucket(rpm, now)
         elif bucket.capacity != rpm:
             bucket.resize(rpm)
-        # take a token: refill for the time since the last one, capped at a minute's worth
-        level = bucket.level + (now - bucket.stamp) * bucket.rate
-        if level > bucket.capacity:
-            level = bucket.capacity
-        bucket.stamp = now
-        if level >= 1.0:
-            bucket.level = level - 1.0
-            return
-        bucket.level = level
-        raise over_rate(who(), rpm, (1.0 - level) / bucket.rate)
+        wait = bucket.take(now)
+        if wait:
+            raise over_rate(who(), rpm, wait)
 
     def idle(self, now: float) -> bool:
         """Nothing to remember: no request in flight and a full bucket (or none)."""

@@ -19,7 +19,7 @@ from app.keymetrics import KeyMetrics
 from app.keys import ApiKey, KeyRing
 from app.limits import Grant, LimitSettings
 from app.meter import Metered
-from app.usage import UsageBook, utc_day
+from app.usage import Account, UsageBook, utc_day
 from app.usagestore import UsageStore, open_store
 from pipeline.config import Config
 from pipeline.factory import PipelineFactory
@@ -115,23 +115,21 @@ class Security:
     # --- admission and the end of a request ---------------------------------------------------
 
     def admit_key(self, key: ApiKey, counts_tokens: bool) -> Grant:
-        """Raises Denied over a limit of the key. Today's tokens are summed only for a key
-        with a quota, and one clock reading serves the bucket and the grant."""
-        name, limits, accounts = key.name, key.config, self.book.keys
-        account = accounts[name] if name in accounts else self.book.key(name)
-        used = (account.used_today(utc_day())
-                if counts_tokens and limits.tokensPerDay is not None else 0)
+        """Raises Denied over a limit of the key; one clock reading serves the bucket and the
+        grant."""
+        name, limits = key.name, key.config
+        account = self.book.key(name)
         now = time.monotonic()
-        account.allowance.admit(lambda: f"key '{name}'", limits, used, now,
+        account.allowance.admit(lambda: f"key '{name}'", limits,
+                                _used_today(account, limits, counts_tokens), now,
                                 tokens=counts_tokens)
         return Grant(account.allowance, account, name, counts_tokens, now)
 
     def admit_client(self, address: str, limits: LimitSettings, counts_tokens: bool) -> Grant:
         now = time.monotonic()
         account = self.book.client(address, now)
-        used = (account.used_today(utc_day())
-                if counts_tokens and limits.tokensPerDay is not None else 0)
-        account.allowance.admit(lambda: f"client {address}", limits, used, now,
+        account.allowance.admit(lambda: f"client {address}", limits,
+                                _used_today(account, limits, counts_tokens), now,
                                 tokens=counts_tokens)
         return Grant(account.allowance, account, None, counts_tokens, now)
 
@@ -181,6 +179,13 @@ class Security:
         if self.store is not None:
             self.store.close()
             self.store = None
+
+
+def _used_today(account: Account, limits: LimitSettings, counts_tokens: bool) -> int:
+    """Today's tokens of an account, summed only where a quota will compare them."""
+    if counts_tokens and limits.tokensPerDay is not None:
+        return account.used_today(utc_day())
+    return 0
 
 
 def exposure(cfg: Config, host: str) -> None:

@@ -32,7 +32,7 @@ from gevent import socket as gsocket
 from gevent.pywsgi import WSGIHandler, WSGIServer, unquote_latin1
 
 from app.connlimit import ConnectionLimiter, client_ip
-from app.headfields import Fields, Head, check_length, read_fields, whole_head
+from app.headfields import Fields, Head, read_fields, whole_head
 from app.intake import Deadline, DeadlineInput, HeadRejected, Throttled, error_reply
 from app.netutil import linger_rst, tune_accepted
 from app.tls import TlsTerminator
@@ -176,12 +176,10 @@ class ClientHandler(WSGIHandler):
             return bool(super().read_request(raw_requestline))
         self.requestline, self.command, self.path, self.request_version, fields = head
         self.headers = fields
+        # whole_head checked the framing: a length is digits and never beside a coding
         first = fields.first
-        if "transfer-encoding" in first and first["transfer-encoding"].lower() == "chunked":
-            del fields["content-length"]
         length: int | None = None
         if "content-length" in first:
-            check_length(first["content-length"])  # ValueError: 400, as pywsgi's int()
             length = int(first["content-length"])
             if length and self.command == "HEAD":
                 raise ValueError("Unexpected Content-Length")
