@@ -158,7 +158,7 @@ def parse_body(endpoint: Endpoint, body: bytes,
     if not body.strip():
         raise BadRequest("missing request body")
     try:
-        payload = loads(body)
+        payload = _plain_loads(body) if loads is json.loads else loads(body)
     except RecursionError:
         raise BadRequest("exceeded max depth") from None  # Go's decoder's words
     except UnicodeDecodeError:
@@ -199,6 +199,18 @@ def load_facts(endpoint: Endpoint, payload: dict[str, Any]) -> dict[str, Any]:
                          f"of type {want}") from None
 
 
+_DECODE = json.JSONDecoder().decode
+
+
+def _plain_loads(body: bytes) -> Any:
+    """``json.loads`` without its encoding detection for a body that starts ``{`` followed by
+    a non-zero byte: the detection answers UTF-8 for every such body, so the result and the
+    errors are the same, for fewer calls on every request."""
+    if body[:1] == b"{" and body[1:2] != b"\x00":
+        return _DECODE(body.decode("utf-8", "surrogatepass"))
+    return json.loads(body)
+
+
 def _json_error(exc: json.JSONDecodeError) -> str:
     if exc.pos >= len(exc.doc.rstrip()):
         return "unexpected end of JSON input"
@@ -217,17 +229,27 @@ def _text_len(value: Any) -> int:
         elif isinstance(item, list):
             todo.extend(item)
         elif isinstance(item, dict):  # an OpenAI content part or a message
-            todo.append(item.get("text"))
-            todo.append(item.get("content"))
+            for part in (item.get("text"), item.get("content")):
+                if part is not None:
+                    todo.append(part)
     return total
+
+
+#: the fields of any endpoint's body that carry prompt text
+PROMPT_FIELDS = ("prompt", "system", "messages", "input", "instructions")
 
 
 def prompt_length(payload: dict[str, Any]) -> int:
     """Characters of prompt text in any endpoint's body (prompt, system, messages, input, and
-    the Responses API's instructions)."""
-    return (_text_len(payload.get("prompt")) + _text_len(payload.get("system"))
-            + _text_len(payload.get("messages")) + _text_len(payload.get("input"))
-            + _text_len(payload.get("instructions")))
+    the Responses API's instructions). A plain string, the common field, is measured in place."""
+    total = 0
+    for field in PROMPT_FIELDS:
+        value = payload.get(field)
+        if type(value) is str:
+            total += len(value)
+        elif value is not None:
+            total += _text_len(value)
+    return total
 
 
 ZERO_DURATIONS = {"0", "0s", "0m", "0h", "0ms", "-0"}
