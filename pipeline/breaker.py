@@ -55,6 +55,8 @@ class CircuitBreaker:
 
     def allows(self) -> bool:
         """Would a request be let through now (without taking the half-open trial)?"""
+        if self._state is CircuitState.CLOSED:  # the common case, without the clock
+            return True
         state = self.state
         return state is CircuitState.CLOSED or (
             state is CircuitState.HALF_OPEN and self._trial is None)
@@ -66,7 +68,7 @@ class CircuitBreaker:
 
     def acquire(self) -> int | None:
         """A permit for one request, or None; in HALF_OPEN only one trial at a time."""
-        state = self.state
+        state = self._state if self._state is CircuitState.CLOSED else self.state
         if state is CircuitState.HALF_OPEN and self._trial is not None:
             return None
         if state is CircuitState.OPEN:

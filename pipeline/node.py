@@ -85,10 +85,12 @@ class Node:
 
     def has_model(self, model: str) -> bool:
         """True if the node has (or may have, when nothing is known) the canonical model."""
-        if not self.knows_models():
+        if model in self.static_models:
             return True
-        return model in self.static_models or (
-            self.installed is not None and model in self.installed)
+        installed = self.installed
+        if installed is not None:
+            return model in installed
+        return not self.static_models  # nothing known: it may
 
     def has_loaded(self, model: str) -> bool:
         return model in self.loaded

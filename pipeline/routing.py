@@ -77,8 +77,8 @@ class Router:
     def candidates(self, model: str, admitting: list[Node], cold_ok: bool = False) -> list[Node]:
         """The nodes the strategy may pick from now (see the class docstring)."""
         free = [n for n in admitting if n.has_capacity()]
-        if not free or not self.strategy.waits_for_warm:
-            return free
+        if not free or not self._strategy.waits_for_warm or len(free) == len(admitting):
+            return free  # (every admitting node has room: warm ones too)
         warm = [n for n in admitting if model in n.loaded]
         if not warm or any(n.has_capacity() for n in warm):
             return free  # nothing warm anywhere (a cold load is unavoidable), or warm and free
@@ -96,7 +96,7 @@ class Router:
 
     def choose(self, model: str, admitting: list[Node]) -> Node | None:
         free = self.candidates(model, admitting)
-        return self.strategy.select(free, model) if free else None
+        return self._strategy.select(free, model) if free else None
 
     def acquire(self, model: str, exclude: Iterable[Node] = (),
                 cold_ok: bool = False) -> Lease | None:
@@ -105,7 +105,7 @@ class Router:
         admitting, _ = self.classify(model)
         candidates = [n for n in self.candidates(model, admitting, cold_ok) if n.id not in skip]
         while candidates:
-            node = self.strategy.select(candidates, model)
+            node = self._strategy.select(candidates, model)
             if node is None:
                 return None
             lease = node.try_acquire()

@@ -89,13 +89,15 @@ class LeastInFlight(Strategy):
         self._tie = 0
 
     def select(self, candidates: Sequence[Node], model: str) -> Node | None:
-        return self._least(list(candidates))
+        return self._least(candidates)
 
-    def _least(self, nodes: list[Node]) -> Node | None:
-        if not nodes:
-            return None
-        best = min(self._load(n) for n in nodes)
-        tied = [n for n in nodes if self._load(n) == best]
+    def _least(self, nodes: Sequence[Node]) -> Node | None:
+        if len(nodes) <= 1:  # nothing to compare
+            if not nodes:
+                return None
+            self._tie += 1
+            return nodes[0]
+        tied = self._lowest_load(nodes)
         if self.adaptive and len(tied) > 1:
             fastest = min(n.latency_ewma or 0.0 for n in tied)
             tied = [n for n in tied if (n.latency_ewma or 0.0) == fastest]
@@ -104,8 +106,16 @@ class LeastInFlight(Strategy):
         return node
 
     @staticmethod
-    def _load(node: Node) -> float:
-        return node.in_flight / node.max_concurrent
+    def _lowest_load(nodes: Sequence[Node]) -> list[Node]:
+        """The nodes with the fewest requests in flight relative to capacity, in order."""
+        best, tied = float("inf"), []
+        for node in nodes:
+            load = node.in_flight / node.max_concurrent
+            if load < best:
+                best, tied = load, [node]
+            elif load == best:
+                tied.append(node)
+        return tied
 
 
 class RandomChoice(Strategy):
@@ -136,8 +146,8 @@ class ModelAware(LeastInFlight):
     waits_for_warm = True
 
     def select(self, candidates: Sequence[Node], model: str) -> Node | None:
-        if not candidates:
-            return None
+        if len(candidates) <= 1:  # warm or cold, the only choice
+            return self._least(candidates)
         loaded = [n for n in candidates if model in n.loaded]
         if loaded:
             return self._least(loaded)
