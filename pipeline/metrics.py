@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from pipeline.breaker import STATE_VALUE
 from pipeline.node import HEALTH_VALUE, Node
+from pipeline.tally import CounterTally, HistogramTally
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
@@ -83,24 +84,24 @@ class MetricsRegistry:
         self.prefix = prefix
         self.registry = CollectorRegistry(auto_describe=False)
         r, p = self.registry, prefix
-        self.requests = _Bound(Counter(f"{p}_requests", "Requests finished",
-                                       ["endpoint", "model", "node", "status"], registry=r))
-        self.latency = _Bound(Histogram(f"{p}_request_latency", "Request latency, seconds",
-                                        ["endpoint", "model"], registry=r,
-                                        buckets=LATENCY_BUCKETS))
-        self.errors = _Bound(Counter(f"{p}_errors", "Requests that failed, by error code",
-                                     ["code"], registry=r))
-        self.ttft = _Bound(Histogram(f"{p}_time_to_first_token_seconds",
-                                     "Time from arrival to the node's first byte",
-                                     ["model", "node"], registry=r, buckets=TTFT_BUCKETS))
+        # the series every request updates: plain numbers until scraped (pipeline/tally.py)
+        self.requests = CounterTally(f"{p}_requests", "Requests finished",
+                                     ["endpoint", "model", "node", "status"], r).labels
+        self.latency = HistogramTally(f"{p}_request_latency", "Request latency, seconds",
+                                      ["endpoint", "model"], r, LATENCY_BUCKETS).labels
+        self.errors = CounterTally(f"{p}_errors", "Requests that failed, by error code",
+                                   ["code"], r).labels
+        self.ttft = HistogramTally(f"{p}_time_to_first_token_seconds",
+                                   "Time from arrival to the node's first byte",
+                                   ["model", "node"], r, TTFT_BUCKETS).labels
         self.queue_wait = Histogram(f"{p}_queue_wait_seconds",
                                     "Time spent waiting for node capacity", registry=r,
                                     buckets=LATENCY_BUCKETS)
-        self.tokens = _Bound(Counter(f"{p}_tokens_generated", "Tokens generated (eval_count)",
-                                     ["model", "node"], registry=r))
-        self.token_rate = _Bound(Histogram(f"{p}_tokens_per_second",
-                                           "Generation speed of finished requests",
-                                           ["model", "node"], registry=r, buckets=RATE_BUCKETS))
+        self.tokens = CounterTally(f"{p}_tokens_generated", "Tokens generated (eval_count)",
+                                   ["model", "node"], r).labels
+        self.token_rate = HistogramTally(f"{p}_tokens_per_second",
+                                         "Generation speed of finished requests",
+                                         ["model", "node"], r, RATE_BUCKETS).labels
         self.retries = _Bound(Counter(f"{p}_retries", "Retries, by the node retried on",
                                       ["node"], registry=r))
         self.circuit_transitions = _Bound(Counter(
@@ -110,8 +111,8 @@ class MetricsRegistry:
                                       ["result"], registry=r))
         for result in RELOAD_RESULTS:  # at 0 from the start: the first rejection is an increase
             self.reloads(result)
-        self.admissions = _Bound(Counter(f"{p}_admissions", "Ring outcomes per request",
-                                         ["outcome"], registry=r))
+        self.admissions = CounterTally(f"{p}_admissions", "Ring outcomes per request",
+                                       ["outcome"], r).labels
         # model management (pull, create, blobs, copy, delete) and the placement reconciler
         self.model_operations = _Bound(Counter(
             f"{p}_model_operations", "Model management requests by operation and outcome",
