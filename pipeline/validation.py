@@ -206,7 +206,7 @@ def _plain_loads(body: bytes) -> Any:
     """``json.loads`` without its encoding detection for a body that starts ``{`` followed by
     a non-zero byte: the detection answers UTF-8 for every such body, so the result and the
     errors are the same, for fewer calls on every request."""
-    if body[:1] == b"{" and body[1:2] != b"\x00":
+    if type(body) is bytes and body[:1] == b"{" and body[1:2] != b"\x00":
         return _DECODE(body.decode("utf-8", "surrogatepass"))
     return json.loads(body)
 

@@ -7,6 +7,7 @@ means: defaults, restart-only keys, error lines, and that the README's table say
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from dataclasses import MISSING, replace
 from pathlib import Path
@@ -23,7 +24,14 @@ from pipeline.config import (
     with_restart_keys_from,
 )
 from pipeline.endpoints import ENDPOINTS
-from pipeline.validation import BadRequest, is_unload, load_facts, prompt_length, read_facts
+from pipeline.validation import (
+    BadRequest,
+    _plain_loads,
+    is_unload,
+    load_facts,
+    prompt_length,
+    read_facts,
+)
 
 VALUES = [None, "llama3.2", "", 3, 2.5, True, False, [], {}, ["x"]]
 EP = ENDPOINTS["/api/chat"]
@@ -158,3 +166,18 @@ def test_every_problem_is_listed_by_key_path_and_unknown_keys_are_rejected():
     assert problems({"server": {"port": None}, "timeouts": {"connectTimeoutMs": 0}}) == [
         "server.port: Field may not be null.",
         "timeouts.connectTimeoutMs: Must be greater than or equal to 1."]
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model": "m"}', b'{"model": "m"} ', b'{"model": "m"} x', b'{"model": ', b'{\xff}',
+    '{"model": "\u00e9"}'.encode(), '{"model": "m"}'.encode("utf-16-le"), b"{}", b"{",
+    b'{"a": "\xed\xa0\x80"}',  # a lone surrogate, which json.loads lets through
+])
+def test_the_plain_decoder_answers_as_json_loads(body: bytes) -> None:
+    def outcome(loads):
+        try:
+            return loads(body)
+        except ValueError as exc:
+            return type(exc), str(exc)
+
+    assert outcome(_plain_loads) == outcome(json.loads)
