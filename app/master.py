@@ -279,9 +279,10 @@ class Master:
                 w.status = [line[7:]]
         if not self.announced and all(x.ready for x in self.workers):
             self.announced = True
-            notify.send(f"READY=1\nSTATUS={self._status()}")
+            # logged before systemd hears it: whoever reacts to READY=1 finds the event
             log.warning("every worker is ready", extra={
                 "event": "workers_ready", "workers": [x.pid for x in self.workers]})
+            notify.send(f"READY=1\nSTATUS={self._status()}")
 
     def _status(self) -> str:
         host, port = self.listener.getsockname()[:2]
@@ -317,9 +318,9 @@ class Master:
         while time.monotonic() < deadline and not all(
                 w.ready_at >= asked for w in self.workers if w.pid):
             gevent.sleep(0.05)
-        notify.send(f"READY=1\nSTATUS={self._status()}")
         log.warning("workers reloaded", extra={"event": "workers_reloaded", "workers": [
             w.pid for w in self.workers if w.pid and w.ready_at >= asked]})
+        notify.send(f"READY=1\nSTATUS={self._status()}")
 
     def _warn_if_workers_changed(self) -> None:
         try:
