@@ -279,7 +279,6 @@ class Master:
                 w.status = [line[7:]]
         if not self.announced and all(x.ready for x in self.workers):
             self.announced = True
-            # logged before systemd hears it: whoever reacts to READY=1 finds the event
             log.warning("every worker is ready", extra={
                 "event": "workers_ready", "workers": [x.pid for x in self.workers]})
             notify.send(f"READY=1\nSTATUS={self._status()}")

@@ -5,6 +5,9 @@ WATCHDOG=1 from a greenlet, but only while the process is healthy. Two ways to b
 end in the same place, a restart by systemd: the hub stalls (the greenlet cannot run, so the
 pings stop by themselves), or a pipeline stage crashed (the hub runs and /health/live answers
 503, but nothing would ever be served again: the pinger withholds the pings on purpose).
+
+Every READY=1 is sent after the log line that announces what became ready (started,
+workers_ready, workers_reloaded, config_reload): whoever reacts to READY finds it logged.
 """
 
 from __future__ import annotations

@@ -123,12 +123,12 @@ class OllamaLoadBalancerApplication:
         if self.install_signals:
             self._install_signals()
         self._watchdog = notify.start_watchdog(self.unhealthy_reason)
-        notify.send(f"READY=1\nSTATUS=serving on {self.host}:{self.port}")
         log.warning("ollama-lb listening", extra={
             "event": "started", "host": self.host, "port": self.port, "socket": source,
             "tls": self.tls is not None, "mutual_tls": bool(config.server.tls.clientCaFile),
             "nodes": [n.id for n in self.factory.node_registry.all_nodes()],
             "strategy": config.strategy.type})
+        notify.send(f"READY=1\nSTATUS=serving on {self.host}:{self.port}")
         return self
 
     def unhealthy_reason(self) -> str | None:
