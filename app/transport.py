@@ -64,9 +64,13 @@ class ClientHandler(WSGIHandler):
     limits: ServerConfig  # the server settings, read once per request
     head: Head | None = None  # the head, when it arrived whole and was parsed in one pass
     ready = 0  # bytes after the head already in rfile's buffer (a one-pass head only)
+    #: the plain socket's own send (None under TLS, where only the SSL socket may write)
+    raw_send: Callable[[Any], int] | None = None
 
     def handle(self) -> None:
         tune_accepted(self.socket)
+        if type(self.socket) is gsocket.socket:
+            self.raw_send = self.socket._sock.send
         self.accepted_at = self.accepted_at or time.monotonic()
         self.greenlet = gevent.getcurrent()
         self.server.connections.add(self)
@@ -292,17 +296,54 @@ class ClientHandler(WSGIHandler):
             out, self.held = self.held, None
         self._sendall(out)
 
+    def process_result(self) -> None:
+        """pywsgi's, but after the first piece (which carries the head) each chunk of a chunked
+        reply is framed and sent in one step: a stream's every line would otherwise pass
+        through pywsgi's ``write`` and ``_write`` and a bytearray built per line."""
+        pieces = iter(self.result)
+        for data in pieces:
+            if data:
+                self.write(data)
+                break
+        if not (self.headers_sent and self.response_use_chunked):
+            for data in pieces:
+                if data:
+                    self.write(data)
+            if self.status and not self.headers_sent:  # an empty reply: its head alone
+                self.write(b"")
+            if self.response_use_chunked:
+                self._sendall(b"0\r\n\r\n")
+            return
+        sendall = self._sendall
+        for data in pieces:
+            if data:
+                sendall(b"%x\r\n%b\r\n" % (len(data), data))
+        sendall(b"0\r\n\r\n")
+
     def _sendall(self, data: bytes) -> None:
         """Like pywsgi's, but the timeout bounds each wait for progress, not the whole write.
 
         A big reply to a slow but reading client is fine; a client that takes nothing for
-        ``writeTimeoutMs`` raises TimeoutError here.
+        ``writeTimeoutMs`` raises TimeoutError here. What the kernel takes at once (a stream's
+        line, nearly always) is sent by the plain socket's own ``send``, without gevent's
+        wrapper; only a remainder waits, through gevent, for room.
         """
         if self.held is not None:  # the head and first piece, gathered for one send
             self.held += data
             return
-        view = memoryview(data)
+        view: Any = data
         try:
+            if self.raw_send is not None:
+                try:
+                    sent = self.raw_send(data)
+                except BlockingIOError:
+                    sent = 0
+                if sent == len(data):
+                    self.response_length += sent
+                    return
+                view = memoryview(data)[sent:]
+            else:
+                view = memoryview(data)
             while view:
                 view = view[self.socket.send(view):]
         except OSError as ex:

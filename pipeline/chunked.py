@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from http.client import IncompleteRead, LineTooLong
-from typing import Any
 
 RECV_BYTES = 65536  # above the head reader's buffer size: its read1 then leaves it empty
 MAX_LINE = 65536  # http.client's _MAXLINE, for a chunk-size line and each trailer line
@@ -35,14 +34,22 @@ class ChunkFramingError(IncompleteRead):
 class ChunkedReader:
     """Decodes one chunked body; ``read()`` gives the data of every chunk that has arrived."""
 
-    __slots__ = ("_buf", "_first", "_left", "_on_done", "_recv", "_state")
+    __slots__ = ("_buf", "_first", "_full", "_left", "_on_done", "_recv", "_state", "_wait")
 
     def __init__(self, recv: Callable[[int], bytes], first: Callable[[int], bytes],
-                 on_done: Callable[[], None]) -> None:
-        self._recv = recv  # the socket's recv: blocks until something arrives, b"" at EOF
+                 on_done: Callable[[], None], wait: Callable[[], None] | None = None) -> None:
+        #: the socket's recv: b"" at EOF; without ``wait`` it blocks until something arrives,
+        #: with it, it may raise BlockingIOError (a non-blocking socket's own recv)
+        self._recv = recv
         #: the head's buffered reader: what it already took off the socket, else one recv
         self._first: Callable[[int], bytes] | None = first
         self._on_done = on_done  # once, when the body has ended
+        #: blocks until the socket is readable. Waiting before asking saves, on a token
+        #: stream (where the next line is never there yet when the last one was read), one
+        #: failed system call and one exception per line; a read that filled its buffer asks
+        #: again at once (more may be waiting)
+        self._wait = wait
+        self._full = False
         self._buf = b""
         self._state = _SIZE
         self._left = 0  # data bytes still to come in the current chunk
@@ -55,15 +62,25 @@ class ChunkedReader:
     def read(self) -> bytes:
         """At least one byte of chunk data, or b"" once the body has ended; waits for the node."""
         while self._state != _DONE:
-            out = self._decode() if self._buf else b""
-            if out:
-                return out
-            if self._state == _DONE:
-                break
+            if buf := self._buf:
+                if self._state == _SIZE and (out := _one_whole_chunk(buf)):
+                    self._buf = b""  # a token stream's every read: one chunk, whole
+                    return out
+                if out := self._decode():
+                    return out
+                if self._state == _DONE:
+                    break
             if self._first is not None:
                 data, self._first = self._first(RECV_BYTES), None
             else:
-                data = self._recv(RECV_BYTES)
+                if self._wait is not None and not self._full:
+                    self._wait()
+                try:
+                    data = self._recv(RECV_BYTES)
+                except BlockingIOError:
+                    self._full = False
+                    continue
+                self._full = len(data) == RECV_BYTES
             if not data:
                 raise IncompleteRead(b"", self._left or None)
             self._buf = self._buf + data if self._buf else data
@@ -116,30 +133,19 @@ class ChunkedReader:
         return out[0] if len(out) == 1 else b"".join(out)
 
 
-def waiting_recv(sock: Any) -> Callable[[int], bytes]:
-    """A gevent socket's ``recv`` that waits for the socket to be readable before asking.
-
-    gevent's own tries first and waits on EAGAIN; on a token stream, where the next line
-    is never there yet when the last one was read, that is one failed system call and one
-    exception per line. This waits first, and asks again at once only after a read that
-    filled its buffer (more may be waiting).
-    """
-    raw, wait, event = sock._sock.recv, sock._wait, sock._read_event
-    full = [False]
-
-    def recv(size: int) -> bytes:
-        while True:
-            if not full[0]:
-                wait(event)
-            try:
-                data: bytes = raw(size)
-            except BlockingIOError:
-                full[0] = False
-                continue
-            full[0] = len(data) == size
-            return data
-
-    return recv
+def _one_whole_chunk(buf: bytes) -> bytes:
+    """The data of ``buf`` if it is exactly one whole chunk with a plain size line, else b""."""
+    eol = buf.find(b"\r\n", 0, 18)
+    if eol <= 0:
+        return b""
+    try:
+        size = int(buf[:eol], 16)
+    except ValueError:
+        return b""
+    end = eol + 2 + size
+    if size <= 0 or len(buf) != end + 2 or buf[end:] != b"\r\n":
+        return b""
+    return buf[eol + 2:end]
 
 
 def _chunk_size(line: bytes) -> int:

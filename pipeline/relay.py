@@ -12,6 +12,7 @@ import contextlib
 import socket
 from collections.abc import Callable, Iterator
 from http.client import HTTPException
+from time import monotonic
 
 from pipeline.endpoints import stream_error_frame
 from pipeline.idle import IdleTimer
@@ -54,19 +55,21 @@ class StreamRelay:
 
     def lines(self) -> Iterator[bytes]:
         """The stream's complete lines, as many as have arrived in one piece per read."""
-        idle, pending = self.idle, b""
+        idle, pending, ndjson = self.idle, b"", self.ndjson
         try:
             read = self.resp.body_reader()
             while data := read():
                 if idle is not None:
-                    idle.touch()
+                    idle.last = monotonic()  # the silence starts again (IdleTimer.last)
                 end = data.rfind(b"\n")
                 if end < 0:
                     pending += data
                     continue
                 piece = pending + data[: end + 1] if pending else data[: end + 1]
                 pending = data[end + 1 :]
-                if (problem := self._check(piece)) is not None:
+                if not ndjson and b'{"error"' not in piece:  # an SSE piece with no error
+                    self.last_line = piece
+                elif (problem := self._check(piece)) is not None:
                     if good := whole_lines_before_the_first_bad(piece):
                         yield good
                     yield problem

@@ -18,6 +18,7 @@ from __future__ import annotations
 import http.client
 import json
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 from gevent.ssl import SSLSocket
@@ -25,7 +26,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from pipeline.chunked import ChunkedReader, waiting_recv
+from pipeline.chunked import ChunkedReader
 from pipeline.wire import fast_connections
 
 STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
@@ -117,8 +118,10 @@ class UpstreamResponse:
             return self.read1
         # a TLS socket's recv decrypts, and may hold decrypted bytes with nothing to read on
         # the socket: it keeps gevent's own recv
-        recv = sock.recv if isinstance(sock, SSLSocket) else waiting_recv(sock)
-        return ChunkedReader(recv, fp.fp.read1, self._read_to_end).read
+        if isinstance(sock, SSLSocket):
+            return ChunkedReader(sock.recv, fp.fp.read1, self._read_to_end).read
+        wait = partial(sock._wait, sock._read_event)  # gevent's, before the socket's own recv
+        return ChunkedReader(sock._sock.recv, fp.fp.read1, self._read_to_end, wait).read
 
     def _read_to_end(self) -> None:
         """The body ended: the connection can be lent again once the response is closed."""

@@ -44,6 +44,19 @@ def test_every_split_of_the_wire_decodes_to_the_same_data(step):
     assert decode(wire, step) == (b"".join(LINES), True)
 
 
+def test_one_whole_chunk_per_recv_decodes_as_split_reads_do():
+    """A token stream's usual read (exactly one chunk) takes a shortcut: same data, same end."""
+    pieces = [b"%x\r\n%s\r\n" % (len(p), p) for p in LINES] + [b"0\r\n\r\n"]
+    feed = iter(pieces)
+    ended: list[bool] = []
+    reader = ChunkedReader(lambda n: next(feed, b""), lambda n: next(feed, b""),
+                           lambda: ended.append(True))
+    got = []
+    while data := reader.read():
+        got.append(data)
+    assert got == LINES and ended == [True] and reader.done
+
+
 @pytest.mark.parametrize("wire, error", [
     (b"zz\r\nab\r\n0\r\n\r\n", ChunkFramingError),
     (b"2\r\nabXX0\r\n\r\n", ChunkFramingError),

@@ -1,0 +1,96 @@
+"""What relaying a stream line costs gevent itself: a byte pipe, no HTTP, as the floor.
+
+``profile_stream.py`` measures the appliance's CPU per relayed line; this measures, under the
+same node and client, a proxy that does the least any gevent proxy must: one greenlet per
+direction, ``recv`` then ``sendall``, nothing parsed. The difference between the two is
+what the appliance's own code costs per line; this figure is what gevent, the hub and the
+two system calls cost on this machine. Usage:
+
+  .venv/bin/python tests/bench/pipefloor.py [--streams 50] [--tokens 400] [--rate 200]
+      [--rounds 3] [--path /v1/chat/completions]
+"""
+# ruff: noqa: E402  (gevent must patch the standard library before anything imports it)
+
+from gevent import monkey
+
+monkey.patch_all(thread=False, queue=False, select=False)
+
+import argparse
+import contextlib
+import os
+import socket
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import gevent
+from gevent.server import StreamServer
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import procs
+from profile_stream import one_round
+
+
+def pipe(src: socket.socket, dst: socket.socket) -> None:
+    """Copy until ``src`` ends, then end ``dst``'s writing side."""
+    wait, event, recv = src._wait, src._read_event, src._sock.recv  # type: ignore[attr-defined]
+    send = dst._sock.send  # type: ignore[attr-defined]
+    try:
+        while True:
+            wait(event)  # wait for readability first: no failed recv per line
+            if not (data := recv(65536)):
+                break
+            if (sent := send(data)) < len(data):  # the kernel took part: gevent's sendall
+                dst.sendall(data[sent:])  # waits for room
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+def serve(node: tuple[str, int]):  # type: ignore[no-untyped-def]
+    def handle(client: socket.socket, _addr: object) -> None:
+        with socket.create_connection(node) as up:
+            up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            back = gevent.spawn(pipe, up, client)
+            pipe(client, up)
+            back.join()
+    return handle
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--streams", type=int, default=50)
+    ap.add_argument("--tokens", type=int, default=400)
+    ap.add_argument("--rate", type=float, default=200.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--path", default="/v1/chat/completions")
+    args = ap.parse_args()
+    node = procs.fake_node("m", "fast", num_parallel=4096, tokens_per_second=args.rate,
+                           tokens=args.tokens, max_queue=4096)
+    parts = urlsplit(node.url)
+    server = StreamServer(("127.0.0.1", 0), serve((parts.hostname or "", parts.port or 0)))
+    server.start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        one_round(url, 5, args.path, False)  # warm-up
+        t0, n = os.times(), 0
+        for _ in range(args.rounds):
+            n += one_round(url, args.streams, args.path, False)["lines"]
+        t1 = os.times()
+    finally:
+        server.stop()
+        node.stop()
+    user, system = t1.user - t0.user, t1.system - t0.system
+    print(f"byte pipe, {args.streams} streams x {args.tokens} tokens at {args.rate:g}/s:")
+    print(f"  CPU per line  {(user + system) / n * 1e6:.1f} us "
+          f"({user / n * 1e6:.1f} user, {system / n * 1e6:.1f} system)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
