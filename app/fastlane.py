@@ -11,7 +11,10 @@ Flask would, the gate (``app/auth.py``) and the view's own function (``app/proxy
 writes the reply straight to ``start_response``. A refusal or an error is a Flask
 ``Response``, served as the WSGI app it is. The lane sits outside the meter (``app/meter.py``)
 that wraps Flask, and meters what it answers itself: it knows the reply's status and type
-without watching ``start_response``, and a request without a grant costs nothing there.
+without watching ``start_response``, and a request without a grant costs nothing there. A
+whole reply (not a stream) is settled as it is handed to the server, with no wrapper: the
+node's work is done and its token counts are in hand; so a key removed by a reload after
+such a reply was made no longer empties it (a stream is still cut at its next piece).
 
 An exception in the view is answered as Flask's error handlers answer it: an HTTP error (a
 body that arrives too slowly: 408) in the API's error shape, anything else logged and a 500.
@@ -19,6 +22,7 @@ body that arrives too slowly: 408) in the API's error shape, anything else logge
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any
@@ -31,6 +35,7 @@ from app.auth import Route, gate
 from app.errors import http_error_response, unhandled_error_response
 from app.meter import GRANT, Metered, end_unanswered
 from app.security import Security
+from app.tokencount import counts_in
 from pipeline.factory import PipelineFactory
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -55,6 +60,7 @@ class FastLane:
         self.factory = factory  # the live factory (the app's extension)
         self.sec = sec
         self.finish = sec.finish  # the end of an admitted request's accounting (app/meter.py)
+        self.settle = sec.settle  # ... and of a whole reply's, at once
         #: path -> the gate's view of the route, as Flask's router would have matched it
         self.routes = {path: Route(f"ollama.{path}", path, None) for path in proxy.MODEL_ROUTED}
 
@@ -78,7 +84,13 @@ class FastLane:
             body = out(environ, start_response)
         if grant is None:
             return body
-        return Metered(body, grant, status, ctype, path, self.finish)
+        if type(body) is not list or "ndjson" in ctype or "event-stream" in ctype:
+            return Metered(body, grant, status, ctype, path, self.finish)
+        # a whole reply: settled as it is handed to the server (the node's work is done and
+        # every token count is in hand), no wrapper watching it go out
+        tokens_in, tokens_out = counts_in(b"".join(body)) if grant.counts_tokens else (0, 0)
+        self.settle(grant, status >= 400, tokens_in or 0, tokens_out or 0, time.monotonic())
+        return body
 
     def _answer(self, environ: dict[str, Any], route: Route, path: str
                 ) -> proxy.Reply | Response:

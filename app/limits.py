@@ -67,7 +67,8 @@ def seconds_to_utc_midnight(wall: float | None = None) -> float:
 
 
 class TokenBucket:
-    """``per_minute`` tokens, refilled continuously; holds at most a minute's worth."""
+    """``per_minute`` tokens, refilled continuously; holds at most a minute's worth. A token is
+    taken in ``Allowance.admit`` (inline: it runs for every request of a limited key)."""
 
     __slots__ = ("capacity", "level", "rate", "stamp")
 
@@ -81,15 +82,6 @@ class TokenBucket:
         self.capacity = float(per_minute)
         self.rate = per_minute / 60.0
         self.level = min(self.level, self.capacity)
-
-    def take(self, now: float) -> float:
-        """0.0 if a token was taken, else the seconds until one will be there."""
-        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.level >= 1.0:
-            self.level -= 1.0
-            return 0.0
-        return (1.0 - self.level) / self.rate
 
     def full(self, now: float) -> bool:
         return self.level + (now - self.stamp) * self.rate >= self.capacity
@@ -126,9 +118,14 @@ class Allowance:
             bucket = self.bucket = TokenBucket(rpm, now)
         elif bucket.capacity != rpm:
             bucket.resize(rpm)
-        wait = bucket.take(now)
-        if wait:
-            raise over_rate(who(), rpm, wait)
+        # the bucket refilled for the time since its last take, then one token taken
+        level = min(bucket.capacity, bucket.level + (now - bucket.stamp) * bucket.rate)
+        bucket.stamp = now
+        if level >= 1.0:
+            bucket.level = level - 1.0
+            return
+        bucket.level = level
+        raise over_rate(who(), rpm, (1.0 - level) / bucket.rate)
 
     def idle(self, now: float) -> bool:
         """Nothing to remember: no request in flight and a full bucket (or none)."""

@@ -8,7 +8,9 @@ in-flight place is released and the reply charged. It is an object with ``close(
 than a generator for that reason: a generator's ``finally`` does not run if it never started.
 
 A grant whose key was removed by a reload is ``revoked``: its stream ends at the next piece
-with one error line in the stream's own format, and the node's stream is closed.
+with one error line in the stream's own format, and the node's stream is closed. A whole
+reply (not a stream) is delivered as it is: the node's work is done, and emptying a body
+whose ``Content-Length`` is already set would leave the client a broken reply.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ class Metered:
     def __iter__(self) -> Iterator[bytes]:
         grant, counter, streamed = self.grant, self.counter, self.streamed
         for chunk in self.inner:
-            if grant.revoked:
+            if streamed and grant.revoked:
                 self.cut = True
                 line = revoked_line(self.content_type, self.path)
                 if line:

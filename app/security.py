@@ -19,7 +19,7 @@ from app.keymetrics import KeyMetrics
 from app.keys import ApiKey, KeyRing
 from app.limits import Grant, LimitSettings
 from app.meter import Metered
-from app.usage import Account, UsageBook, utc_day
+from app.usage import UsageBook, utc_day
 from app.usagestore import UsageStore, open_store
 from pipeline.config import Config
 from pipeline.factory import PipelineFactory
@@ -48,10 +48,10 @@ class Security:
         if factory.shared is not None:  # without it, admission below is exactly as before
             from app.sharedlimits import SharedLimits  # redis-py only when configured
 
-            self.shared_limits = SharedLimits(factory, self.book, self.finish)
+            self.shared_limits = SharedLimits(factory, self.book, self.settle)
             self.admit_key = self.shared_limits.admit_key  # type: ignore[method-assign]
             self.admit_client = self.shared_limits.admit_client  # type: ignore[method-assign]
-            self.finish = self.shared_limits.finish  # type: ignore[method-assign]
+            self.settle = self.shared_limits.settle  # type: ignore[method-assign]
 
     @property
     def factory(self) -> PipelineFactory:
@@ -118,37 +118,46 @@ class Security:
         """Raises Denied over a limit of the key; one clock reading serves the bucket and the
         grant."""
         name, limits = key.name, key.config
-        account = self.book.key(name)
+        account = self.book.keys.get(name) or self.book.key(name)
         now = time.monotonic()
-        account.allowance.admit(lambda: f"key '{name}'", limits,
-                                _used_today(account, limits, counts_tokens), now,
-                                tokens=counts_tokens)
+        # today's tokens are summed only where a quota will compare them
+        used = account.used_today(utc_day()) if counts_tokens and limits.tokensPerDay else 0
+        account.allowance.admit(lambda: f"key '{name}'", limits, used, now, tokens=counts_tokens)
         return Grant(account.allowance, account, name, counts_tokens, now)
 
     def admit_client(self, address: str, limits: LimitSettings, counts_tokens: bool) -> Grant:
         now = time.monotonic()
         account = self.book.client(address, now)
-        account.allowance.admit(lambda: f"client {address}", limits,
-                                _used_today(account, limits, counts_tokens), now,
+        used = account.used_today(utc_day()) if counts_tokens and limits.tokensPerDay else 0
+        account.allowance.admit(lambda: f"client {address}", limits, used, now,
                                 tokens=counts_tokens)
         return Grant(account.allowance, account, None, counts_tokens, now)
 
     def finish(self, reply: Metered) -> None:
         """The reply is closed: give the place back, then charge what it used."""
         grant = reply.grant
-        if not grant.release():
+        if grant.released:
             return
         counter = reply.counter
         tokens_in, tokens_out = counter.counts() if counter is not None else (0, 0)
-        error = reply.status >= 400 or reply.cut or reply.failed
-        grant.account.charge(utc_day(), 1, int(error), tokens_in, tokens_out)
+        self.settle(grant, reply.status >= 400 or reply.cut or reply.failed, tokens_in,
+                    tokens_out, reply.first_at)
+
+    def settle(self, grant: Grant, error: bool, tokens_in: int, tokens_out: int,
+               first_at: float | None) -> bool:
+        """An admitted request's end, once: its place given back, its use charged; False if
+        it had ended before. A whole reply is settled here at once (``app/fastlane.py``),
+        a stream or any other reply through ``finish`` when it is closed."""
+        if not grant.release():
+            return False
+        grant.account.charge(1, int(error), tokens_in, tokens_out)
         if grant.key is not None:
-            ttft = (reply.first_at - grant.started
-                    if reply.first_at is not None and grant.counts_tokens and not error
-                    else None)
+            ttft = (first_at - grant.started
+                    if first_at is not None and grant.counts_tokens and not error else None)
             self.metrics.finished(grant.key, error, tokens_in, tokens_out, ttft)
             if self.store is not None:
                 self.store.dirty()
+        return True
 
     def rejected(self, key: str, reason: str) -> None:
         self.metrics.rejections(key, reason).inc()
@@ -179,13 +188,6 @@ class Security:
         if self.store is not None:
             self.store.close()
             self.store = None
-
-
-def _used_today(account: Account, limits: LimitSettings, counts_tokens: bool) -> int:
-    """Today's tokens of an account, summed only where a quota will compare them."""
-    if counts_tokens and limits.tokensPerDay is not None:
-        return account.used_today(utc_day())
-    return 0
 
 
 def exposure(cfg: Config, host: str) -> None:

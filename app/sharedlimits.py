@@ -45,7 +45,6 @@ from app.limits import (
     over_rate,
     too_many_in_flight,
 )
-from app.meter import Metered
 from app.usage import Account, UsageBook, utc_day
 from pipeline.config_shared import SharedStateConfig
 from pipeline.factory import PipelineFactory
@@ -73,17 +72,17 @@ class Share:
 
 
 class SharedLimits:
-    """One instance's side of shared limits: ``admit_key``, ``admit_client`` and ``finish``
+    """One instance's side of shared limits: ``admit_key``, ``admit_client`` and ``settle``
     stand in for ``Security``'s own."""
 
     def __init__(self, factory: PipelineFactory, book: UsageBook,
-                 local_finish: Callable[[Metered], None]) -> None:
+                 local_settle: Callable[[Grant, bool, int, int, float | None], bool]) -> None:
         caps = factory.shared
         assert caps is not None, "shared limits ride on the shared caps (sharedState.redisUrl)"
         ref = weakref.ref(factory)  # Security is the factory's weak-keyed value: no cycle
         self._factory = ref
         self.book = book
-        self.local_finish = local_finish
+        self.local_settle = local_settle
         self.me = caps.me
         self.members = caps.members
         s = factory.config.sharedState
@@ -232,18 +231,17 @@ class SharedLimits:
         self.releases.setdefault(principal, []).append(lease)
         self._due.set()
 
-    def finish(self, reply: Metered) -> None:
-        """``Security.finish``, then the reply's tokens are queued for Redis."""
-        grant = reply.grant
-        first = not grant.released
-        self.local_finish(reply)
-        if first and reply.counter is not None and isinstance(grant, SharedGrant):
-            tokens_in, tokens_out = reply.counter.counts(reply.streamed)
-            if tokens_in + tokens_out:
-                slot = (grant.principal, utc_day())
-                self.charges[slot] = self.charges.get(slot, 0) + tokens_in + tokens_out
-                if self.mode is not Mode.LOCAL:
-                    self._due.set()
+    def settle(self, grant: Grant, error: bool, tokens_in: int, tokens_out: int,
+               first_at: float | None) -> bool:
+        """``Security.settle``, then the request's tokens are queued for Redis."""
+        if not self.local_settle(grant, error, tokens_in, tokens_out, first_at):
+            return False
+        if tokens_in + tokens_out and isinstance(grant, SharedGrant):
+            slot = (grant.principal, utc_day())
+            self.charges[slot] = self.charges.get(slot, 0) + tokens_in + tokens_out
+            if self.mode is not Mode.LOCAL:
+                self._due.set()
+        return True
 
     # --- the writer: releases, charges, heartbeat ---------------------------------------------
 

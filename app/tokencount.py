@@ -39,19 +39,11 @@ class TokenCounter:
     def observe(self, chunk: bytes) -> None:
         if self.frame is not None:
             self.frames += chunk.count(self.frame)
-        count_at, tokens_at = chunk.find(b'_count"'), chunk.find(b'_tokens"')
-        if count_at < 0 and tokens_at < 0:
-            return
-        if len(chunk) <= 2 * WINDOW:  # searched from the first count on, where they all are
-            first = count_at if tokens_at < 0 or 0 <= count_at < tokens_at else tokens_at
-            found = _COUNT.findall(chunk, max(0, first - NAME_REACH))
-        else:
-            found = _COUNT.findall(chunk[:WINDOW]) + _COUNT.findall(chunk[-WINDOW:])
-        for name, value in found:
-            if name in _IN:
-                self.tokens_in = int(value)
-            else:
-                self.tokens_out = int(value)
+        tokens_in, tokens_out = counts_in(chunk)
+        if tokens_in is not None:
+            self.tokens_in = tokens_in
+        if tokens_out is not None:
+            self.tokens_out = tokens_out
 
     def counts(self, streamed: bool | None = None) -> tuple[int, int]:
         """(prompt tokens, completion tokens) of the whole reply. ``streamed``: whether the
@@ -61,3 +53,23 @@ class TokenCounter:
             stream = self.streamed if streamed is None else streamed
             out = max(0, self.frames - 1) if stream else 0  # the last frame is the end
         return self.tokens_in or 0, out
+
+
+def counts_in(chunk: bytes) -> tuple[int | None, int | None]:
+    """The last (prompt, completion) counts a chunk holds, None for one it lacks; searched only
+    where counts can be. For a whole (non-streamed) reply these are its counts, in one call."""
+    count_at, tokens_at = chunk.find(b'_count"'), chunk.find(b'_tokens"')
+    if count_at < 0 and tokens_at < 0:
+        return None, None
+    if len(chunk) <= 2 * WINDOW:  # searched from the first count on, where they all are
+        first = count_at if tokens_at < 0 or 0 <= count_at < tokens_at else tokens_at
+        found = _COUNT.findall(chunk, max(0, first - NAME_REACH))
+    else:
+        found = _COUNT.findall(chunk[:WINDOW]) + _COUNT.findall(chunk[-WINDOW:])
+    tokens_in = tokens_out = None
+    for name, value in found:
+        if name in _IN:
+            tokens_in = int(value)
+        else:
+            tokens_out = int(value)
+    return tokens_in, tokens_out

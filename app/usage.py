@@ -74,9 +74,12 @@ class Account:
         self.roll(day)
         return self.today.tokens_in + self.today.tokens_out
 
-    def charge(self, day: int, requests: int, errors: int, tokens_in: int,
-               tokens_out: int) -> None:
-        """Every request's end: the three tallies added to in place (no call per tally)."""
+    def charge(self, requests: int, errors: int, tokens_in: int, tokens_out: int,
+               day: int | None = None) -> None:
+        """Every request's end: the three tallies added to in place (no call per tally);
+        ``day``: the UTC day charged, today's unless given."""
+        if day is None:
+            day = int(time.time() // 86400)  # utc_day(), without a call per request
         if day != self.day:
             self.roll(day)
         pending = self.pending

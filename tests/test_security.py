@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 
+import gevent
 import ollama
 import openai
 import pytest
@@ -408,6 +409,40 @@ def test_keys_and_limits_reload_and_a_removed_key_stops_at_once(fake_node, tmp_p
         with pytest.raises(ollama.ResponseError) as err:
             ops.pull("m", stream=False)
         assert err.value.status_code == 403  # and its narrower scopes
+        assert_no_leaks(app)
+    finally:
+        app.shutdown(drain_s=0)
+
+
+def test_a_whole_reply_in_flight_when_its_key_is_removed_arrives_whole(fake_node, tmp_path):
+    """A removed key's new requests are refused and its streams cut; a whole (non-streamed)
+    reply the node is already making is delivered whole, through the fast lane and through
+    Flask (a request with an ``Origin``), never emptied under its ``Content-Length``."""
+    node = fake_node(["m"], decode_tps=20, tokens=20)  # a 1 s reply
+    path = tmp_path / "c.yaml"
+    app = None
+
+    def keys(listed) -> None:
+        path.write_text(yaml.safe_dump(lb_config([node], security={"apiKeys": listed})))
+        if app is not None:
+            assert app.reload_state.reload("test")["result"] == "applied"
+
+    keys(KEYS)
+    app = OllamaLoadBalancerApplication(str(path), watch=False).start()
+    try:
+        for origin in ({}, {"Origin": "http://localhost"}):
+            seen = traffic(node).get("/api/generate", 0)
+            client = ollama.Client(host=app.url, headers={**bearer(INFER), **origin})
+            pending = gevent.spawn(client.generate, model="m", prompt="x")
+            assert wait_until(lambda s=seen: traffic(node).get("/api/generate", 0) == s + 1)
+            keys([k for k in KEYS if k["name"] != "team-search"])
+            with pytest.raises(ollama.ResponseError) as err:
+                client.generate(model="m", prompt="y")
+            assert err.value.status_code == 401  # the key itself stopped at once
+            assert not pending.ready()  # ... while the node was still making the reply
+            reply = pending.get(timeout=30)
+            assert reply.done and reply.eval_count == 20 and len(reply.response) > 0, origin
+            keys(KEYS)
         assert_no_leaks(app)
     finally:
         app.shutdown(drain_s=0)

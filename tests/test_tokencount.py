@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from app.tokencount import TokenCounter
+from app.tokencount import TokenCounter, counts_in
 
 
 def whole(obj: dict) -> bytes:
@@ -32,6 +32,13 @@ def test_a_whole_reply_is_counted_from_its_counts(body, want):
     counter = TokenCounter("application/json")
     counter.observe(body)
     assert counter.counts() == want
+    got = counts_in(body)  # the fast lane's one call for a complete reply
+    assert (got[0] or 0, got[1] or 0) == want
+
+
+def test_a_large_whole_reply_is_counted_in_one_call_from_its_ends():
+    body = OLLAMA[:-1] + b',"pad":"' + b"x" * 20_000 + b'"}'
+    assert counts_in(body) == (11, 7)
 
 
 def test_a_large_reply_is_counted_from_its_ends():
