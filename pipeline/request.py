@@ -8,10 +8,10 @@ response is either complete (``InferenceResponse``) or a live stream (``StreamHa
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from random import getrandbits
 from typing import Any
 
 from gevent import Timeout, get_hub
@@ -22,8 +22,9 @@ from pipeline.errors import ErrorCode, PipelineError
 
 
 def new_request_id() -> str:
-    """16 hex digits of randomness: unique enough for logs, ~8x cheaper than uuid4."""
-    return os.urandom(8).hex()
+    """16 hex digits of randomness: unique enough for logs, far cheaper than uuid4, without a
+    system call (``random`` reseeds in a forked child, so workers do not repeat each other)."""
+    return f"{getrandbits(64):016x}"
 
 
 @dataclass(slots=True)

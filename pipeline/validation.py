@@ -12,8 +12,7 @@ import json
 import json.decoder
 import json.scanner
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import gevent
 from marshmallow import EXCLUDE, Schema, ValidationError
@@ -101,9 +100,9 @@ class BadRequest(ValueError):
 OFF_HUB_BYTES = 1 << 20
 
 
-@dataclass(frozen=True, slots=True)
-class Facts:
-    """What routing needs from a body; the body itself is forwarded untouched."""
+class Facts(NamedTuple):
+    """What routing needs from a body; the body itself is forwarded untouched. A NamedTuple:
+    made once per request, where a frozen dataclass's ``__init__`` costs twice as much."""
 
     model_raw: str  # the model as the client wrote it ("" if none)
     stream: bool

@@ -58,7 +58,10 @@ class WaitStrategy(ABC):
 
     @abstractmethod
     def wait_for(self, sequence: int, barrier: Waitable) -> int:
-        """Return the highest available sequence once ``sequence`` is available."""
+        """Return the highest available sequence once ``sequence`` is available.
+
+        Called (by ``SequenceBarrier.wait_for``) once ``barrier.available()`` was seen below
+        ``sequence`` with no yield since, so a strategy checks again only after a yield."""
 
     def signal(self, sequence: Sequence) -> None:
         """``sequence`` moved: wake the parked stages gated on it (and only those)."""
@@ -68,18 +71,19 @@ class WaitStrategy(ABC):
     def _park(self, sequence: int, barrier: Waitable) -> int:
         """Wait on the barrier's event until the sequence is available; no lost wake-ups.
 
-        Between the check and ``wait()`` nothing else can run (no yield point), so a publish
-        cannot slip in unseen.
+        Called right after ``available()`` was seen below ``sequence``: between that check
+        and ``wait()`` nothing else can run (no yield point), so a publish cannot slip in
+        unseen.
         """
         while True:
-            available = barrier.available()
-            if available >= sequence:
-                return available
             barrier.check_alert()
             ev = barrier.event
             ev.clear()
             barrier.parked = True
             ev.wait()
+            available = barrier.available()
+            if available >= sequence:
+                return available
 
 
 class BlockingWaitStrategy(WaitStrategy):
@@ -106,11 +110,11 @@ class YieldingWaitStrategy(WaitStrategy):
     def wait_for(self, sequence: int, barrier: Waitable) -> int:
         available = -1
         for _ in range(barrier.spins):
+            barrier.check_alert()
+            gevent.sleep(0)
             available = barrier.available()
             if available >= sequence:
                 break
-            barrier.check_alert()
-            gevent.sleep(0)
         if available < sequence:
             available = self._park(sequence, barrier)
         barrier.spins = self.spin_tries if available > sequence else 0
@@ -128,15 +132,15 @@ class SleepingWaitStrategy(WaitStrategy):
     def wait_for(self, sequence: int, barrier: Waitable) -> int:
         tries = 0
         while True:
-            available = barrier.available()
-            if available >= sequence:
-                return available
             barrier.check_alert()
             if tries < self.spin_tries:
                 tries += 1
                 gevent.sleep(0)
             else:
                 gevent.sleep(self.sleep_seconds)
+            available = barrier.available()
+            if available >= sequence:
+                return available
 
     def signal(self, sequence: Sequence) -> None:
         """Sleepers poll; nothing to wake."""
@@ -147,11 +151,11 @@ class BusySpinWaitStrategy(WaitStrategy):
 
     def wait_for(self, sequence: int, barrier: Waitable) -> int:
         while True:
+            barrier.check_alert()
+            gevent.sleep(0)
             available = barrier.available()
             if available >= sequence:
                 return available
-            barrier.check_alert()
-            gevent.sleep(0)
 
     def signal(self, sequence: Sequence) -> None:
         """Spinners re-check on their own; nothing to wake."""
