@@ -11,6 +11,9 @@ connections per client address are capped (``app.connlimit``), and with ``server
 accepted socket is wrapped with the current certificate (``app.tls``) before anything is read
 from it.
 
+Writing the reply (fewer sends, the write timeout) is ``app.replywriter``'s half of the
+handler.
+
 Draining (SIGTERM): the server stops accepting, idle kept-alive connections are closed, and
 what is already on a connection is answered with ``Connection: close``.
 """
@@ -35,20 +38,18 @@ from app.connlimit import ConnectionLimiter, client_ip
 from app.headfields import Fields, Head, read_fields, whole_head
 from app.intake import Deadline, DeadlineInput, HeadRejected, Throttled, error_reply
 from app.netutil import linger_rst, tune_accepted
+from app.replywriter import ReplyWriter
 from app.tls import TlsTerminator
 from pipeline.config import ServerConfig
 
 log = logging.getLogger("ollama_lb.server")
 
-#: a first piece up to this size leaves with the reply's head in one send; larger ones are
-#: sent on their own rather than copied
-ONE_WRITE = 256 * 1024
 FRESH_S = 2.0  # a new connection gets this long to send its first request during a drain
 BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
                b"Connection: close\r\nContent-Length: 15\r\n\r\n400 Bad Request")  # as Go
 
 
-class ClientHandler(WSGIHandler):
+class ClientHandler(ReplyWriter):
     """One client connection: per-phase timeouts, bounded intake, a drain-aware keep-alive."""
 
     server: ApplianceServer
@@ -57,15 +58,11 @@ class ClientHandler(WSGIHandler):
     idle = False  # waiting for a request line: safe to close at shutdown
     requests_read = 0  # requests read on this connection
     accepted_at = 0.0  # set by the server before a TLS handshake; else when handling starts
-    held: bytearray | None = None  # what _sendall gathers while the head is written
     head_timer: gevent.Timeout | None = None  # running from a request's first byte to its head
-    wsgi_input: DeadlineInput | None = None
     headers: Fields
     limits: ServerConfig  # the server settings, read once per request
     head: Head | None = None  # the head, when it arrived whole and was parsed in one pass
     ready = 0  # bytes after the head already in rfile's buffer (a one-pass head only)
-    #: the plain socket's own send (None under TLS, where only the SSL socket may write)
-    raw_send: Callable[[Any], int] | None = None
 
     def handle(self) -> None:
         tune_accepted(self.socket)
@@ -269,104 +266,6 @@ class ClientHandler(WSGIHandler):
                 # the TCP socket's shutdown, also under TLS (SSLSocket.shutdown would drop the
                 # SSL object under the waiting read): the read sees EOF
                 gsocket.socket.shutdown(self.socket, socket.SHUT_RDWR)
-
-    # --- writing the reply ----------------------------------------------------------------------
-
-    def start_response(self, status: str, headers: list[tuple[str, str]],
-                       exc_info: Any = None) -> Callable[[bytes], None]:
-        body = self.wsgi_input
-        broken = body is not None and (body.broken or body.unread_too_big())
-        if self.server.draining or broken:  # next request: the next process, or a clean start
-            self.close_connection = True
-            if not any(k.lower() == "connection" for k, _ in headers):
-                headers = [*headers, ("Connection", "close")]
-        return super().start_response(status, headers, exc_info)
-
-    def _write_with_headers(self, data: bytes) -> None:
-        """pywsgi's, but the head and a first piece of up to ``ONE_WRITE`` bytes leave in one
-        send: on a complete reply that is one segment and one wake-up of the client instead
-        of two. pywsgi writes them itself; ``_sendall`` only holds them until it is done."""
-        if not data or len(data) > ONE_WRITE:
-            super()._write_with_headers(data)
-            return
-        self.held = bytearray()
-        try:
-            super()._write_with_headers(data)
-        finally:
-            out, self.held = self.held, None
-        self._sendall(out)
-
-    def process_result(self) -> None:
-        """pywsgi's, but after the first piece (which carries the head) each chunk of a chunked
-        reply is framed and sent in one step: a stream's every line would otherwise pass
-        through pywsgi's ``write`` and ``_write`` and a bytearray built per line."""
-        pieces = iter(self.result)
-        for data in pieces:
-            if data:
-                self.write(data)
-                break
-        if not (self.headers_sent and self.response_use_chunked):
-            for data in pieces:
-                if data:
-                    self.write(data)
-            if self.status and not self.headers_sent:  # an empty reply: its head alone
-                self.write(b"")
-            if self.response_use_chunked:
-                self._sendall(b"0\r\n\r\n")
-            return
-        sendall = self._sendall
-        for data in pieces:
-            if data:
-                sendall(b"%x\r\n%b\r\n" % (len(data), data))
-        sendall(b"0\r\n\r\n")
-
-    def _sendall(self, data: bytes) -> None:
-        """Like pywsgi's, but the timeout bounds each wait for progress, not the whole write.
-
-        A big reply to a slow but reading client is fine; a client that takes nothing for
-        ``writeTimeoutMs`` raises TimeoutError here. What the kernel takes at once (a stream's
-        line, nearly always) is sent by the plain socket's own ``send``, without gevent's
-        wrapper; only a remainder waits, through gevent, for room.
-        """
-        if self.held is not None:  # the head and first piece, gathered for one send
-            self.held += data
-            return
-        view: Any = data
-        try:
-            if self.raw_send is not None:
-                try:
-                    sent = self.raw_send(data)
-                except BlockingIOError:
-                    sent = 0
-                if sent == len(data):
-                    self.response_length += sent
-                    return
-                view = memoryview(data)[sent:]
-            else:
-                view = memoryview(data)
-            while view:
-                view = view[self.socket.send(view):]
-        except OSError as ex:
-            self.status = f"socket error: {ex}"
-            if self.code > 0:
-                self.code = -self.code
-            raise
-        self.response_length += len(data)
-
-    def handle_error(self, t: type[BaseException], v: BaseException, tb: Any) -> None:
-        if not isinstance(v, TimeoutError):
-            super().handle_error(t, v, tb)
-            return
-        self.close_connection = True
-        with contextlib.suppress(OSError):
-            linger_rst(self.socket)  # the client takes nothing: drop what is queued for it
-        log.warning("client took nothing of the reply; request ended", extra={
-            "event": "client_timeout", "client": client_ip(self.client_address),
-            "path": self.path, "sent_bytes": self.response_length,
-            "write_timeout_ms": self.server.settings().writeTimeoutMs})
-
-    def log_request(self) -> None:
-        pass  # pywsgi's own access log is replaced by the structured one
 
 
 class ApplianceServer(WSGIServer):
