@@ -35,7 +35,7 @@ from app.auth import Route, gate
 from app.errors import http_error_response, unhandled_error_response
 from app.meter import GRANT, Metered, end_unanswered
 from app.security import Security
-from app.tokencount import counts_in
+from app.tokencount import counts_in, is_stream
 from pipeline.factory import PipelineFactory
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -84,7 +84,7 @@ class FastLane:
             body = out(environ, start_response)
         if grant is None:
             return body
-        if type(body) is not list or "ndjson" in ctype or "event-stream" in ctype:
+        if type(body) is not list or is_stream(ctype):
             return Metered(body, grant, status, ctype, path, self.finish)
         # a whole reply: settled as it is handed to the server (the node's work is done and
         # every token count is in hand), no wrapper watching it go out

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from app.limits import Grant
-from app.tokencount import TokenCounter
+from app.tokencount import TokenCounter, is_stream
 from pipeline.endpoints import ANTHROPIC, OPENAI, api_for
 
 GRANT = "ollama_lb.grant"
@@ -34,11 +34,9 @@ StartResponse = Callable[..., Any]
 
 
 def revoked_line(content_type: str, path: str) -> bytes:
-    """The one error line a revoked stream ends with; b"" for a complete (non-stream) body."""
+    """The one error line a revoked stream (NDJSON or SSE) ends with."""
     if "ndjson" in content_type:
         return json.dumps({"error": REVOKED}).encode() + b"\n"
-    if "event-stream" not in content_type:
-        return b""
     api = api_for(path)
     if api == ANTHROPIC:
         frame = {"type": "error", "error": {"type": "authentication_error", "message": REVOKED}}
@@ -70,16 +68,14 @@ class Metered:
         self.failed = False  # a stream that ended with an error line
         self.closed = False
         #: a stream (NDJSON or SSE): only then can a piece carry an error line
-        self.streamed = "ndjson" in content_type or "event-stream" in content_type
+        self.streamed = is_stream(content_type)
 
     def __iter__(self) -> Iterator[bytes]:
         grant, counter, streamed = self.grant, self.counter, self.streamed
         for chunk in self.inner:
             if streamed and grant.revoked:
                 self.cut = True
-                line = revoked_line(self.content_type, self.path)
-                if line:
-                    yield line
+                yield revoked_line(self.content_type, self.path)
                 return
             if chunk:
                 if self.first_at is None:

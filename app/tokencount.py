@@ -24,12 +24,17 @@ WINDOW = 4096  # bytes searched at each end of a large chunk
 NAME_REACH = 16  # from a count's opening quote to its ``_count"``/``_tokens"``: at most 12
 
 
+def is_stream(content_type: str) -> bool:
+    """A stream (NDJSON or SSE): counted by frames, and cut at its next piece when revoked."""
+    return "ndjson" in content_type or "event-stream" in content_type
+
+
 class TokenCounter:
     __slots__ = ("frame", "frames", "streamed", "tokens_in", "tokens_out")
 
     def __init__(self, content_type: str) -> None:
         sse = "event-stream" in content_type
-        self.streamed = sse or "ndjson" in content_type  # as app/meter.py's Metered.streamed
+        self.streamed = is_stream(content_type)
         #: what starts (SSE) or ends (NDJSON) a frame; None: not a stream
         self.frame = b"data:" if sse else (b"\n" if self.streamed else None)
         self.frames = 0
