@@ -8,7 +8,7 @@ under ``valgrind --tool=callgrind`` at two request counts, so the difference div
 difference in requests is the cost of one request without start-up and warm-up. Usage:
 
   .venv/bin/python tests/bench/profile_keys.py --callgrind [--low 200 --high 800]
-      [--modes none,key,models] [--out DIR]    # instructions per request per mode
+      [--modes none,key,models] [--out DIR] [--json FILE]   # instructions per request per mode
   .venv/bin/python tests/bench/profile_keys.py --mode key --requests 300   # one run, plain
 
 The per-function profile of the high run is left in ``DIR`` (``callgrind_annotate`` reads it).
@@ -20,6 +20,8 @@ from gevent import monkey
 monkey.patch_all(thread=False, queue=False, select=False)
 
 import argparse
+import json
+import os
 import re
 import subprocess
 import sys
@@ -50,9 +52,12 @@ def run(mode: str, n: int, path: str) -> None:
 def instructions(mode: str, n: int, path: str, out: Path) -> int:
     """Instructions the whole run of ``n`` requests took under callgrind."""
     dump = out / f"callgrind.{mode}.{n}"
+    # one hash seed for every run: the same dicts collide the same way, so runs compare
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
     proc = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={dump}",
                            sys.executable, __file__, "--mode", mode, "--requests", str(n),
-                           "--path", path], capture_output=True, text=True, check=True)
+                           "--path", path], capture_output=True, text=True, check=True,
+                          env=env)
     found = re.search(r"Collected : (\d+)", proc.stderr)
     if found is None:
         raise RuntimeError(proc.stderr[-2000:])
@@ -69,20 +74,23 @@ def main() -> int:
     ap.add_argument("--high", type=int, default=800)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--out", default="/tmp/profile_keys")
+    ap.add_argument("--json", help="also write {mode: instructions per request} here")
     args = ap.parse_args()
     if not args.callgrind:
         run(args.mode, args.requests, args.path)
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = None
+    base, found = None, {}
     for mode in args.modes.split(","):
         low = instructions(mode, args.low, args.path, out)
         high = instructions(mode, args.high, args.path, out)
-        per = (high - low) / (args.high - args.low)
+        per = found[mode] = (high - low) / (args.high - args.low)
         base = per if base is None else base
         print(f"{mode:7s} {per / 1000:8.1f}k instructions per request"
               f" ({(per / base - 1) * 100:+.1f} %)", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(found))
     return 0
 
 

@@ -70,6 +70,8 @@ def run(work: Path, quick: bool, notes: list[str], smg_venv: Path) -> dict[str, 
             started.append(smg)
         elif why and not any(n.startswith("smg column") for n in notes):
             notes.append(f"smg column left out: {why}.")
+        for proc in (node, *proxies.values()):  # a first stream each (connections, lazy
+            run_streams(proc.url, 1)  # imports), not counted: the 1-stream row is one sample
         for n in out["counts"]:
             runs = {"direct": run_streams(node.url, n)}
             for name, proc in proxies.items():

@@ -199,3 +199,14 @@ def test_workers_report_shows_what_redis_mode_adds():
     assert "| 10 | 20.00 / 40.00 | 25.00 / 60.00 | +5.00 / +20.00 | 24.00 / 70.00 |" in text
     assert "| 10 | redis, 2 workers | 3 | 800 (800-800) | 1.00x |" in text
     assert "errors over all runs: 0." in text
+
+
+def test_api_key_goal_rests_on_instructions_where_they_were_counted():
+    # CPU time says +4 % (met); the instruction counts say +6.2 % for the allow-list key
+    res = apikeys_result([1000, 1000], [1040, 1040], [1040, 1040])
+    res["instructions"] = {"no keys": 1_000_000.0, "key": 1_050_000.0, "key + models": 1_062_000.0}
+    row = goals.api_keys(res)[0]
+    assert row[1] == "not met"
+    assert row[2].startswith("instructions: +5.0 % with a key, +6.2 % with a models allow-list")
+    assert "CPU time: +4.0 % with a key" in row[2]
+    assert "1,062.0k (+6.2 %)" in apikeys.report(res)
