@@ -98,6 +98,9 @@ def missing_tools(wanted: set[int]) -> list[str]:
     if wanted & {1, 2} and procs.nginx_binary() is None:
         notes.append("nginx is missing (Debian package `nginx-light` or `nginx`): the nginx "
                      "column is left out.")
+    if 6 in wanted and not shutil.which("valgrind"):
+        notes.append("valgrind is missing (Debian package `valgrind`): scenario 6 reports the "
+                     "keys' cost in CPU time only, without instruction counts.")
     return notes
 
 
