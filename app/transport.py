@@ -45,6 +45,9 @@ from pipeline.config import ServerConfig
 log = logging.getLogger("ollama_lb.server")
 
 FRESH_S = 2.0  # a new connection gets this long to send its first request during a drain
+#: ... and a kept-alive one this long after its last reply to send its next: a client that
+#: sends as soon as it has a reply must not have the connection closed under that request
+NEXT_S = 1.0
 BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
                b"Connection: close\r\nContent-Length: 15\r\n\r\n400 Bad Request")  # as Go
 
@@ -57,6 +60,7 @@ class ClientHandler(ReplyWriter):
     ignored_socket_errors = (*WSGIHandler.ignored_socket_errors, errno.ETIMEDOUT)
     idle = False  # waiting for a request line: safe to close at shutdown
     requests_read = 0  # requests read on this connection
+    idle_since = 0.0  # when it last began to wait for a request
     accepted_at = 0.0  # set by the server before a TLS handshake; else when handling starts
     head_timer: gevent.Timeout | None = None  # running from a request's first byte to its head
     headers: Fields
@@ -136,9 +140,10 @@ class ClientHandler(ReplyWriter):
             return ""  # draining: a kept-alive connection with nothing sent is closed
         first = not self.requests_read
         head_s = s.headerTimeoutMs / 1000.0
+        self.idle_since = now = time.monotonic()
         self.idle = True
         try:
-            left = self.accepted_at + head_s - time.monotonic()
+            left = self.accepted_at + head_s - now
             self.socket.settimeout(max(left, 0.001) if first else s.keepAliveTimeoutMs / 1000.0)
             arrived = self.rfile.peek(1)
             if not arrived:
@@ -259,9 +264,15 @@ class ClientHandler(ReplyWriter):
         except (OSError, ValueError):
             return True
 
-    def close_if_idle(self) -> None:
-        """Close a kept-alive connection that is waiting and has nothing sent (shutdown)."""
-        if self.idle and self.requests_read and not self.pending():
+    def in_grace(self, now: float) -> bool:
+        """Waiting for its next request so soon after a reply that one may be on its way."""
+        return self.idle and bool(self.requests_read) and now - self.idle_since < NEXT_S
+
+    def close_if_idle(self, now: float) -> None:
+        """Close a kept-alive connection that is waiting, past its grace, and has nothing sent
+        (shutdown)."""
+        if (self.idle and self.requests_read and now - self.idle_since >= NEXT_S
+                and not self.pending()):
             with contextlib.suppress(OSError):
                 # the TCP socket's shutdown, also under TLS (SSLSocket.shutdown would drop the
                 # SSL object under the waiting read): the read sees EOF
@@ -314,21 +325,30 @@ class ApplianceServer(WSGIServer):
             self.limiter.release(ip)
 
     def begin_drain(self) -> None:
-        """Stop accepting; idle kept-alive connections close, busy ones after this reply."""
+        """Stop accepting; idle kept-alive connections close (those that had a reply within
+        ``NEXT_S`` once that has passed), busy ones after this reply."""
         self.draining = True
         self.close()
+        now = time.monotonic()
         for handler in list(self.connections):
             handler.close_connection = True
-            handler.close_if_idle()
+            handler.close_if_idle(now)
 
     def busy(self) -> int:
         """Connections in a request, or new ones whose first request may be on its way."""
         now = time.monotonic()
-        return sum(1 for h in self.connections if not h.idle or (
+        return sum(1 for h in self.connections if not h.idle or h.in_grace(now) or (
             not h.requests_read and now - h.accepted_at < FRESH_S))
 
     def wait_quiet(self, deadline: float, in_flight: Callable[[], int]) -> None:
-        while (in_flight() > 0 or self.busy()) and time.monotonic() < deadline:
+        """Until nothing is in flight or busy (or the deadline); kept-alive connections are
+        closed as their grace ends."""
+        while True:
+            now = time.monotonic()
+            for handler in list(self.connections):
+                handler.close_if_idle(now)
+            if not (in_flight() > 0 or self.busy()) or now >= deadline:
+                return
             gevent.sleep(0.05)
 
     def kill_connections(self) -> None:

@@ -224,8 +224,10 @@ def test_an_unloadable_replacement_keeps_the_current_certificate_until_a_good_on
     wait_until(lambda: presented_cert(lb.port, pki) != old, 10, step=0.1)
 
 
-def test_an_idle_https_connection_is_closed_by_the_drain_at_once(fake_node, appliance, pki):
-    """Under TLS the drain closes an idle kept-alive connection as it does a plain one."""
+def test_an_idle_https_connection_is_closed_by_the_drain_after_its_grace(fake_node, appliance,
+                                                                         pki):
+    """Under TLS the drain closes an idle kept-alive connection as it does a plain one: once
+    the grace after its last reply (``app.transport.NEXT_S``) has passed, not drainSeconds."""
     lb = appliance([fake_node(["m"])], server={**tls_server(pki), "drainSeconds": 10},
                    check_leaks=False)  # the test shuts it down itself, and checks below
     with handshake(lb.port, client_context(pki)) as tls:

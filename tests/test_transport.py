@@ -138,6 +138,29 @@ def test_idle_keepalive_connection_is_closed_after_keepalive_timeout(fake_node, 
         client.close()
 
 
+def test_a_request_sent_just_as_the_drain_begins_is_answered_not_dropped(fake_node, appliance):
+    """A kept-alive client sends its next request right after a reply; a drain that begins
+    between the two must answer it (with ``Connection: close``), not close the connection
+    under it: the client cannot tell a request the server never read from one it lost."""
+    lb = appliance([fake_node(["m"])], server={"drainSeconds": 10}, check_leaks=False)
+    client = socket.create_connection(("127.0.0.1", lb.port), timeout=10)
+    try:
+        client.sendall(http_request("GET", "/api/version"))
+        assert read_response(client)[0].startswith(b"HTTP/1.1 200")  # idle, kept alive
+        stopping = gevent.spawn(lb.shutdown)
+        wait_until(lambda: lb.server.draining, 5)
+        client.sendall(http_request("GET", "/api/version"))
+        head, body = read_response(client)
+        assert head.startswith(b"HTTP/1.1 200") and json.loads(body)["version"]
+        assert b"connection: close" in head.lower()
+        assert client.recv(1) == b""  # then closed by the appliance
+        stopping.get(timeout=10)
+    finally:
+        client.close()
+    assert not lb.server.connections and lb.factory.pipeline.in_flight == 0
+    assert lb.exit_status == 0
+
+
 def test_accepted_sockets_have_keepalive_and_nodelay(fake_node, appliance):
     lb = appliance([fake_node(["m"])])
     seen: list[tuple[int, int]] = []
