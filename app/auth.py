@@ -152,7 +152,10 @@ def _with_key(env: dict[str, Any], route: Route, sec: Security, cfg: Config, cls
     # not to nodes, logs or any later code
     authorization = env.pop("HTTP_AUTHORIZATION", None)
     api_key = env.pop("HTTP_X_API_KEY", None)
-    key = sec.keyring.presented(authorization, api_key)
+    ring = sec.keyring
+    key = ring.bearers.get(authorization) if authorization is not None else None
+    if key is None:  # not a header seen before with a valid key
+        key = ring.presented(authorization, api_key)
     if key is None:
         _denied(env, 401, "unauthorized", None)
         return denials.unauthorized(path)

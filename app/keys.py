@@ -105,8 +105,9 @@ class KeyRing:
     def __init__(self, keys: tuple[ApiKeyConfig, ...]) -> None:
         self.by_hash: dict[str, ApiKey] = {}
         self.by_name: dict[str, ApiKey] = {}
-        #: credential header values that named a valid key: Authorization, x-api-key
-        self._bearers: dict[str, ApiKey] = {}
+        #: credential header values that named a valid key: Authorization (read by the gate
+        #: before it calls ``presented``, a call less per request), x-api-key
+        self.bearers: dict[str, ApiKey] = {}
         self._api_keys: dict[str, ApiKey] = {}
         for cfg in keys:
             key = ApiKey(cfg, frozenset(cfg.scopes),
@@ -129,9 +130,9 @@ class KeyRing:
         """The key a request's ``Authorization`` header names (a Bearer token), else its
         ``x-api-key`` header; None if neither names a configured key."""
         if authorization is not None:
-            key = self._bearers.get(authorization)
+            key = self.bearers.get(authorization)
             return key if key is not None else self._remember(
-                self._bearers, authorization, bearer(authorization))
+                self.bearers, authorization, bearer(authorization))
         if not api_key:
             return None
         key = self._api_keys.get(api_key)

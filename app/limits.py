@@ -90,12 +90,14 @@ class TokenBucket:
 class Allowance:
     """The limit state of one principal: its bucket, and its requests in flight."""
 
-    __slots__ = ("bucket", "in_flight", "live", "seen")
+    __slots__ = ("bucket", "epoch", "in_flight", "seen")
 
     def __init__(self) -> None:
         self.bucket: TokenBucket | None = None
         self.in_flight = 0
-        self.live: set[Grant] = set()  # admitted and not released (revoked on key removal)
+        #: moved on when the key is removed: a grant of an earlier epoch is revoked (no set of
+        #: live grants to keep on every request)
+        self.epoch = 0
         # shared limits only: (UTC day, its tokens as Redis last said, own tokens of it then)
         self.seen: tuple[int, int, int] | None = None
 
@@ -132,16 +134,16 @@ class Allowance:
         return not self.in_flight and (self.bucket is None or self.bucket.full(now))
 
     def revoke(self) -> int:
-        """The key was removed: every live request of it is to stop (the meter cuts it)."""
-        for grant in self.live:
-            grant.revoked = True
-        return len(self.live)
+        """The key was removed: every request of it in flight is to stop (the meter cuts its
+        streams); how many were in flight."""
+        self.epoch += 1
+        return self.in_flight
 
 
 class Grant:
     """One admitted request: what its end must give back and charge."""
 
-    __slots__ = ("account", "allowance", "counts_tokens", "key", "released", "revoked",
+    __slots__ = ("account", "allowance", "counts_tokens", "epoch", "key", "released",
                  "started")
 
     def __init__(self, allowance: Allowance, account: Any, key: str | None,
@@ -153,9 +155,9 @@ class Grant:
         # the admission's clock reading, when it had one: no second one per request
         self.started = time.monotonic() if started is None else started
         self.released = False
-        self.revoked = False
+        # revoked once the allowance's epoch moves on (the key removed): app/meter.py
+        self.epoch = allowance.epoch
         allowance.in_flight += 1
-        allowance.live.add(self)
 
     def release(self) -> bool:
         """Give the in-flight place back; True the first time only."""
@@ -163,7 +165,6 @@ class Grant:
             return False
         self.released = True
         self.allowance.in_flight -= 1
-        self.allowance.live.discard(self)
         return True
 
 

@@ -71,9 +71,10 @@ class Metered:
         self.streamed = is_stream(content_type)
 
     def __iter__(self) -> Iterator[bytes]:
-        grant, counter, streamed = self.grant, self.counter, self.streamed
+        counter, streamed = self.counter, self.streamed
+        allowance, epoch = self.grant.allowance, self.grant.epoch
         for chunk in self.inner:
-            if streamed and grant.revoked:
+            if streamed and allowance.epoch != epoch:  # the key was removed: revoked
                 self.cut = True
                 yield revoked_line(self.content_type, self.path)
                 return
