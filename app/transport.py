@@ -46,8 +46,9 @@ log = logging.getLogger("ollama_lb.server")
 
 FRESH_S = 2.0  # a new connection gets this long to send its first request during a drain
 #: ... and a kept-alive one this long after its last reply to send its next: a client that
-#: sends as soon as it has a reply must not have the connection closed under that request
-NEXT_S = 1.0
+#: sends as soon as it has a reply must not have the connection closed under that request (one
+#: that waits longer sees the close before it sends, as at the keep-alive timeout)
+NEXT_S = 0.25
 BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
                b"Connection: close\r\nContent-Length: 15\r\n\r\n400 Bad Request")  # as Go
 
