@@ -5,12 +5,12 @@ Client connections (timeouts, bounded intake, the per-client cap, TLS) are
 
 Graceful shutdown on SIGTERM (or SIGINT): stop accepting (under systemd the socket unit keeps
 the listening socket, so new connections wait in its queue for the next process), close idle
-kept-alive connections (after a quarter of a second's grace for one that just had a reply: its next request
-may already be on its way), answer what is already on a connection with ``Connection: close``, and
-let requests and streams finish for up to ``server.drainSeconds``. From the SIGTERM on,
-``/health/ready`` answers 503 (``operations.draining``), so a balancer probing a connection
-that is still open moves traffic away. A stream still running then
-gets one error line in its own format before its connection closes, never a silent
+kept-alive connections (after a quarter of a second's grace for one that just had a reply:
+its next request may already be on its way), answer what is already on a connection with
+``Connection: close``, and let requests and streams finish for up to ``server.drainSeconds``.
+From the SIGTERM on, ``/health/ready`` answers 503 (``operations.draining``), so a balancer
+probing a connection that is still open moves traffic away. A stream still running then gets
+one error line in its own format before its connection closes, never a silent
 truncation. Exit status 0 when nothing was cut, ``EXIT_STREAMS_CUT`` otherwise. SIGHUP
 reloads the config.
 """
