@@ -272,8 +272,7 @@ class ClientHandler(ReplyWriter):
     def close_if_idle(self, now: float) -> None:
         """Close a kept-alive connection that is waiting, past its grace, and has nothing sent
         (shutdown)."""
-        if (self.idle and self.requests_read and now - self.idle_since >= NEXT_S
-                and not self.pending()):
+        if self.idle and self.requests_read and not self.in_grace(now) and not self.pending():
             with contextlib.suppress(OSError):
                 # the TCP socket's shutdown, also under TLS (SSLSocket.shutdown would drop the
                 # SSL object under the waiting read): the read sees EOF
