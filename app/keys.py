@@ -128,11 +128,10 @@ class KeyRing:
 
     def presented(self, authorization: str | None, api_key: str | None) -> ApiKey | None:
         """The key a request's ``Authorization`` header names (a Bearer token), else its
-        ``x-api-key`` header; None if neither names a configured key."""
+        ``x-api-key`` header; None if neither names a configured key. The gate looks an
+        ``Authorization`` header up in ``bearers`` first: this is for one not found there."""
         if authorization is not None:
-            key = self.bearers.get(authorization)
-            return key if key is not None else self._remember(
-                self.bearers, authorization, bearer(authorization))
+            return self._remember(self.bearers, authorization, bearer(authorization))
         if not api_key:
             return None
         key = self._api_keys.get(api_key)

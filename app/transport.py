@@ -334,9 +334,8 @@ class ApplianceServer(WSGIServer):
             handler.close_connection = True
             handler.close_if_idle(now)
 
-    def busy(self) -> int:
+    def busy(self, now: float) -> int:
         """Connections in a request, or new ones whose first request may be on its way."""
-        now = time.monotonic()
         return sum(1 for h in self.connections if not h.idle or h.in_grace(now) or (
             not h.requests_read and now - h.accepted_at < FRESH_S))
 
@@ -347,7 +346,7 @@ class ApplianceServer(WSGIServer):
             now = time.monotonic()
             for handler in list(self.connections):
                 handler.close_if_idle(now)
-            if not (in_flight() > 0 or self.busy()) or now >= deadline:
+            if not (in_flight() > 0 or self.busy(now)) or now >= deadline:
                 return
             gevent.sleep(0.05)
 
