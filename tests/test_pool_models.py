@@ -23,6 +23,7 @@ import pytest
 import requests
 
 from app.fakenode.store import library_manifest
+from app.server import WORKER_SLOT
 from tests.waiting import wait_until
 
 LIBRARY = ["llama3.2", "qwen2.5:0.5b", "all-minilm", "m2", "base"]
@@ -476,10 +477,13 @@ def test_keep_alive_is_given_to_requests_that_carry_none(fake_node, appliance):
     assert json.loads(a.stats.last_body)["keep_alive"] == "5m"
 
 
-def test_an_inactive_reconciler_plans_and_reports_but_does_not_act(fake_node, appliance):
+def test_an_inactive_reconciler_plans_and_reports_but_does_not_act(fake_node, appliance,
+                                                                   monkeypatch):
     a = fake_node([], library=LIBRARY)
+    # a worker other than slot 0 starts inactive: its first pass (at start) must not act either
+    monkeypatch.setenv(WORKER_SLOT, "1")
     lb = appliance([a], models=[{"name": "m2"}], placement={"intervalMs": 60_000})
-    lb.factory.placement.active = False  # another worker (or appliance) acts on this pool
+    assert lb.factory.placement.active is False
     lb.factory.placement.apply_config(lb.factory.config)  # a pass now
     assert wait_until(lambda: _models_doc(lb)["m2"]["plan"]["pull"] == ["n0"])
     assert lb.factory.placement.reconcile().get("m2").pull == ("n0",)
