@@ -35,7 +35,7 @@ from app.auth import Route, gate
 from app.errors import http_error_response, unhandled_error_response
 from app.meter import GRANT, Metered, end_unanswered
 from app.security import Security
-from app.tokencount import counts_in, is_stream
+from app.tokencount import is_stream
 from pipeline.factory import PipelineFactory
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -78,18 +78,19 @@ class FastLane:
         grant = environ.pop(GRANT, None)  # the meter around Flask is not passed through
         if isinstance(out, proxy.Reply):
             start_response(STATUS_LINES.get(out.status) or status_line(out.status), out.headers)
-            status, ctype, body = out.status, out.content_type, out.body
+            status, ctype, body, ticket = out.status, out.content_type, out.body, out.ticket
         else:
             status, ctype = out.status_code, out.headers.get("Content-Type", "")
-            body = out(environ, start_response)
+            body, ticket = out(environ, start_response), None
         if grant is None:
             return body
-        if type(body) is not list or is_stream(ctype):
+        if ticket is None or type(body) is not list or is_stream(ctype):
             return Metered(body, grant, status, ctype, path, self.finish)
         # a whole reply: settled as it is handed to the server (the node's work is done and
-        # every token count is in hand), no wrapper watching it go out
-        tokens_in, tokens_out = counts_in(b"".join(body)) if grant.counts_tokens else (0, 0)
-        self.settle(grant, status >= 400, tokens_in or 0, tokens_out or 0, time.monotonic())
+        # the ledger has read its token counts), no wrapper watching it go out
+        tokens_in, tokens_out = (ticket.tokens_in or 0, ticket.tokens or 0) if (
+            grant.counts_tokens) else (0, 0)
+        self.settle(grant, status >= 400, tokens_in, tokens_out, time.monotonic())
         return body
 
     def _answer(self, environ: dict[str, Any], route: Route, path: str

@@ -20,7 +20,7 @@ from app.meter import GRANT
 from pipeline.endpoints import endpoint_for
 from pipeline.errors import ErrorCode, PipelineError
 from pipeline.factory import PipelineFactory
-from pipeline.request import InferenceRequest, StreamHandle, new_request_id
+from pipeline.request import InferenceRequest, StreamHandle, Ticket, new_request_id
 from pipeline.validation import OFF_HUB_BYTES, BadRequest, Facts, inspect_off_hub
 
 bp = Blueprint("ollama", __name__)
@@ -68,6 +68,8 @@ class Reply(NamedTuple):
     status: int
     headers: list[tuple[str, str]]  # Content-Type first
     body: Iterable[bytes]
+    #: the pipeline's ticket: what the ledger read of the reply (its token counts)
+    ticket: Ticket | None = None
 
     @property
     def content_type(self) -> str:
@@ -99,10 +101,10 @@ def submit(env: dict[str, Any], f: PipelineFactory, path: str, body: bytes,
         return resp
     if isinstance(result, StreamHandle):
         return Reply(result.status, [("Content-Type", result.content_type),
-                                     ("X-Request-ID", rid)], StreamBody(result))
+                                     ("X-Request-ID", rid)], StreamBody(result), ticket)
     return Reply(result.status, [("Content-Type", result.content_type),
                                  ("Content-Length", str(len(result.body))),
-                                 ("X-Request-ID", rid)], [result.body])
+                                 ("X-Request-ID", rid)], [result.body], ticket)
 
 
 def as_response(out: Reply | Response) -> Response:

@@ -17,9 +17,9 @@ from pipeline.metrics import OTHER, MetricsRegistry
 from pipeline.modelname import display
 from pipeline.registry import NodeRegistry
 from pipeline.request import Ticket
+from pipeline.tokens import counts_in
 
 log = logging.getLogger("ollama_lb.pipeline")
-_EVAL_COUNT = re.compile(rb'"eval_count":\s*(\d+)')
 _EVAL_DURATION = re.compile(rb'"eval_duration":\s*(\d+)')
 
 
@@ -69,20 +69,20 @@ class Ledger:
         return OTHER
 
     def observe_body(self, ticket: Ticket, data: bytes) -> None:
-        """Token counts and speed from a final chunk or a complete generate/chat reply.
+        """Token counts and speed from a final chunk or a complete reply, read once: the
+        ticket keeps them for what the request is charged (``app/fastlane.py``).
 
-        Ollama puts ``eval_count``/``eval_duration`` at the end of its final object, so only
-        the tail is searched rather than parsing the whole reply for two integers.
+        Not a JSON parse for a few integers: the counts are searched where they can be, and
+        Ollama's ``eval_duration`` in the tail, where it follows them.
         """
-        tail = data[-512:]
-        count = _EVAL_COUNT.search(tail)
-        if count is None:
+        tokens_in, tokens = counts_in(data)
+        ticket.tokens_in = tokens_in
+        if tokens is None:
             return
-        duration = _EVAL_DURATION.search(tail)
-        tokens = int(count.group(1))
-        model, node = self.model_label(ticket.model), ticket.node_id or "none"
         ticket.tokens = tokens
+        model, node = self.model_label(ticket.model), ticket.node_id or "none"
         self.metrics.tokens(model, node).inc(tokens)
+        duration = _EVAL_DURATION.search(data[-512:])
         if duration is not None and int(duration.group(1)) > 0:
             self.metrics.token_rate(model, node).observe(
                 tokens / (int(duration.group(1)) / 1e9))

@@ -97,7 +97,8 @@ class MetricsRegistry:
         self.queue_wait = Histogram(f"{p}_queue_wait_seconds",
                                     "Time spent waiting for node capacity", registry=r,
                                     buckets=LATENCY_BUCKETS)
-        self.tokens = CounterTally(f"{p}_tokens_generated", "Tokens generated (eval_count)",
+        self.tokens = CounterTally(f"{p}_tokens_generated", "Tokens generated (eval_count; "
+                                   "completion_tokens, output_tokens on /v1)",
                                    ["model", "node"], r).labels
         self.token_rate = HistogramTally(f"{p}_tokens_per_second",
                                          "Generation speed of finished requests",

@@ -170,7 +170,7 @@ class Ticket:
     __slots__ = ("_go", "_result", "_wake", "abandoned", "attempts", "cold", "deadline",
                  "endpoint", "finished", "first_byte_at", "model", "model_raw", "node_id",
                  "on_cancel", "queue_wait", "request", "runner", "status", "stream",
-                 "submitted_at", "tokens", "waiting")
+                 "submitted_at", "tokens", "tokens_in", "waiting")
 
     def __init__(self, request: InferenceRequest, deadline: float) -> None:
         self.request = request
@@ -191,7 +191,9 @@ class Ticket:
         self.finished = False  # the pipeline's bookkeeping for this request is done
         self.status = ""  # outcome: the node's HTTP status or an error code
         self.queue_wait = 0.0
-        self.tokens: int | None = None  # eval_count of the reply, when it reports one
+        #: the reply's completion (eval_count) and prompt token counts, when it reports them
+        self.tokens: int | None = None
+        self.tokens_in: int | None = None
         self.first_byte_at: float | None = None
         self.on_cancel: Callable[[], None] | None = None
         self.abandoned = False  # the caller went away while waiting (see abandon())

@@ -9,6 +9,7 @@ import os
 
 import gevent
 import ollama
+import openai
 import pytest
 import requests
 import yaml
@@ -317,6 +318,20 @@ def test_the_seeds_metric_names_exist_and_move_under_load(fake_node, appliance):
     requests.post(f"{lb.url}/api/generate", json={"model": "zz", "prompt": "x"}, timeout=5)
     text = requests.get(f"{lb.url}/metrics", timeout=5).text
     assert metric(text, "ollama_lb_errors_total", code="MODEL_NOT_FOUND") == 1
+
+
+def test_generated_tokens_are_counted_from_openai_and_anthropic_replies_too(fake_node,
+                                                                            appliance):
+    lb = appliance([fake_node(["m"])])
+    oa = openai.OpenAI(base_url=f"{lb.url}/v1", api_key="unused", max_retries=0)
+    done = oa.chat.completions.create(model="m", messages=[{"role": "user", "content": "a"}])
+    anthropic = requests.post(f"{lb.url}/v1/messages", timeout=5, json={
+        "model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "b"}]})
+    assert anthropic.status_code == 200
+    want = done.usage.completion_tokens + anthropic.json()["usage"]["output_tokens"]
+    text = requests.get(f"{lb.url}/metrics", timeout=5).text
+    assert want > 0
+    assert metric(text, "ollama_lb_tokens_generated_total", model="m:latest") == want
 
 
 def test_junk_model_names_create_no_new_series(fake_node, appliance):

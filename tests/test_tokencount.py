@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from app.tokencount import TokenCounter, counts_in
+from app.tokencount import TokenCounter
+from pipeline.tokens import counts_in
 
 
 def whole(obj: dict) -> bytes:
@@ -32,7 +33,7 @@ def test_a_whole_reply_is_counted_from_its_counts(body, want):
     counter = TokenCounter("application/json")
     counter.observe(body)
     assert counter.counts() == want
-    got = counts_in(body)  # the fast lane's one call for a complete reply
+    got = counts_in(body)  # the ledger's one call for a complete reply
     assert (got[0] or 0, got[1] or 0) == want
 
 
