@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import Callable
 
+from pipeline.endpoints import NATIVE
 from pipeline.errors import PipelineError
 from pipeline.metrics import OTHER, MetricsRegistry
 from pipeline.modelname import display
@@ -53,6 +54,11 @@ class Ledger:
         self.metrics.latency(ep, model).observe(now - ticket.submitted_at)
         if ticket.first_byte_at is not None and ticket.node_id is not None:
             self.metrics.ttft(model, node).observe(ticket.first_byte_at - ticket.submitted_at)
+        if ticket.tokens is not None:
+            self.metrics.tokens(model, node).inc(ticket.tokens)
+            if ticket.eval_ns:
+                rate = ticket.tokens / (ticket.eval_ns / 1e9)
+                self.metrics.token_rate(model, node).observe(rate)
         for hook in self.finish_hooks:
             try:
                 hook(ticket)
@@ -69,20 +75,15 @@ class Ledger:
         return OTHER
 
     def observe_body(self, ticket: Ticket, data: bytes) -> None:
-        """Token counts and speed from a final chunk or a complete reply, read once: the
-        ticket keeps them for what the request is charged (``app/fastlane.py``).
+        """Token counts and Ollama's generation time from a final chunk or a complete reply,
+        read once onto the ticket: ``finish`` records them, and they are what the request is
+        charged (``app/fastlane.py``).
 
         Not a JSON parse for a few integers: the counts are searched where they can be, and
-        Ollama's ``eval_duration`` in the tail, where it follows them.
+        ``eval_duration`` (native replies only) in the tail, where it follows them.
         """
-        tokens_in, tokens = counts_in(data)
-        ticket.tokens_in = tokens_in
-        if tokens is None:
-            return
-        ticket.tokens = tokens
-        model, node = self.model_label(ticket.model), ticket.node_id or "none"
-        self.metrics.tokens(model, node).inc(tokens)
-        duration = _EVAL_DURATION.search(data[-512:])
-        if duration is not None and int(duration.group(1)) > 0:
-            self.metrics.token_rate(model, node).observe(
-                tokens / (int(duration.group(1)) / 1e9))
+        ticket.tokens_in, ticket.tokens = counts_in(data)
+        if ticket.tokens is not None and (ticket.endpoint is None
+                                          or ticket.endpoint.api == NATIVE):
+            duration = _EVAL_DURATION.search(data[-512:])
+            ticket.eval_ns = int(duration.group(1)) if duration is not None else None

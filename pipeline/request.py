@@ -168,8 +168,8 @@ class Ticket:
     """
 
     __slots__ = ("_go", "_result", "_wake", "abandoned", "attempts", "cold", "deadline",
-                 "endpoint", "finished", "first_byte_at", "model", "model_raw", "node_id",
-                 "on_cancel", "queue_wait", "request", "runner", "status", "stream",
+                 "endpoint", "eval_ns", "finished", "first_byte_at", "model", "model_raw",
+                 "node_id", "on_cancel", "queue_wait", "request", "runner", "status", "stream",
                  "submitted_at", "tokens", "tokens_in", "waiting")
 
     def __init__(self, request: InferenceRequest, deadline: float) -> None:
@@ -194,6 +194,7 @@ class Ticket:
         #: the reply's completion (eval_count) and prompt token counts, when it reports them
         self.tokens: int | None = None
         self.tokens_in: int | None = None
+        self.eval_ns: int | None = None  # Ollama's eval_duration: the generation's own time
         self.first_byte_at: float | None = None
         self.on_cancel: Callable[[], None] | None = None
         self.abandoned = False  # the caller went away while waiting (see abandon())

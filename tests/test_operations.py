@@ -314,6 +314,7 @@ def test_the_seeds_metric_names_exist_and_move_under_load(fake_node, appliance):
     assert metric(text, "ollama_lb_node_health", node="n0") == 1
     assert metric(text, "ollama_lb_ringbuffer_remaining") == 1024
     assert metric(text, "ollama_lb_tokens_generated_total", model="m:latest") == 32
+    assert metric(text, "ollama_lb_tokens_per_second_count", model="m:latest") == 4
     assert metric(text, "ollama_lb_time_to_first_token_seconds_count", node="n0") == 4
     requests.post(f"{lb.url}/api/generate", json={"model": "zz", "prompt": "x"}, timeout=5)
     text = requests.get(f"{lb.url}/metrics", timeout=5).text
@@ -332,6 +333,8 @@ def test_generated_tokens_are_counted_from_openai_and_anthropic_replies_too(fake
     text = requests.get(f"{lb.url}/metrics", timeout=5).text
     assert want > 0
     assert metric(text, "ollama_lb_tokens_generated_total", model="m:latest") == want
+    # their speed is Ollama's eval_duration, which only native replies report
+    assert metric(text, "ollama_lb_tokens_per_second_count", model="m:latest") is None
 
 
 def test_junk_model_names_create_no_new_series(fake_node, appliance):
