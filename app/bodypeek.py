@@ -26,15 +26,17 @@ FACTS_KEY = "ollama_lb.facts"  # environ: the body's Facts, when the gate had to
 BODY_KEY = "ollama_lb.buffered_body"  # environ: the body, when the gate read it (in the limit)
 
 
-def buffer_body(environ: dict[str, Any], limit: int) -> bytes | None:
+def buffer_body(environ: dict[str, Any], limit: int, reread: bool = True) -> bytes | None:
     """The body, with the environ's input replaced by it; None if over the limit (the view
     answers 413 as it always does). Within the limit it is also left as is under
-    ``BODY_KEY``, so that a model-routed view takes it without reading it again."""
+    ``BODY_KEY``, so that a model-routed view takes it without reading it again; ``reread``
+    False: the input is not replaced, as no view will read it (a model-routed one)."""
     length = environ.get("CONTENT_LENGTH")
     if length and length.isdigit() and int(length) > limit:
         return None
     body = environ["wsgi.input"].read(limit + 1)
-    environ["wsgi.input"] = io.BytesIO(body)  # for a view that reads the input (management)
+    if reread or len(body) > limit:  # for a view that reads the input (management, a 413)
+        environ["wsgi.input"] = io.BytesIO(body)
     size = len(body)
     environ["CONTENT_LENGTH"] = str(size)
     environ.pop("HTTP_TRANSFER_ENCODING", None)  # the bytes are all here now
@@ -53,7 +55,7 @@ def models_named(endpoint: str, rule: str, view_args: dict[str, Any] | None,
     ep = endpoint_for(rule) if fields is None and endpoint.startswith("ollama./") else None
     if fields is None and ep is None:
         return []
-    body = buffer_body(environ, limit)
+    body = buffer_body(environ, limit, reread=ep is None)
     if body is None:
         return []
     if ep is not None:
