@@ -1,8 +1,9 @@
 """The models a request names, for keys with a model allow-list.
 
 The model of a model-routed call is in its JSON body, which the view reads afterwards. So the
-body is read here once (bounded by ``server.maxBodyBytes``), and the environ's input replaced
-by the same bytes, which the view then reads as if nothing happened. The model is read with
+body is read here once (bounded by ``server.maxBodyBytes``) and handed to the view, or for a
+management view the environ's input replaced by the same bytes, which the view then reads as
+if nothing happened. The model is read with
 the pipeline's own ``inspect`` (off the hub for a large body), so the name checked is the name
 routed. A body that cannot be parsed names no model: the pipeline refuses it with 400 without
 any node seeing it. Only requests of keys that have an allow-list pay for this.
@@ -14,8 +15,8 @@ import io
 import json
 from typing import Any
 
-from pipeline.endpoints import endpoint_for
-from pipeline.validation import BadRequest, inspect_off_hub
+from pipeline.endpoints import Endpoint, endpoint_for
+from pipeline.validation import OFF_HUB_BYTES, BadRequest, inspect, inspect_off_hub
 
 #: management endpoints and the body fields that name a model there
 MANAGE_NAMES = {"manage.pull": ("model", "name"), "manage.delete": ("model", "name"),
@@ -26,24 +27,40 @@ FACTS_KEY = "ollama_lb.facts"  # environ: the body's Facts, when the gate had to
 BODY_KEY = "ollama_lb.buffered_body"  # environ: the body, when the gate read it (in the limit)
 
 
-def buffer_body(environ: dict[str, Any], limit: int, reread: bool = True) -> bytes | None:
-    """The body, with the environ's input replaced by it; None if over the limit (the view
-    answers 413 as it always does). Within the limit it is also left as is under
-    ``BODY_KEY``, so that a model-routed view takes it without reading it again; ``reread``
-    False: the input is not replaced, as no view will read it (a model-routed one)."""
+def buffer_body(environ: dict[str, Any], limit: int) -> bytes | None:
+    """The body, with the environ's input replaced by it, for a view that reads the input (a
+    management view); None if over the limit (the view answers 413 as it always does)."""
     length = environ.get("CONTENT_LENGTH")
     if length and length.isdigit() and int(length) > limit:
         return None
     body = environ["wsgi.input"].read(limit + 1)
-    if reread or len(body) > limit:  # for a view that reads the input (management, a 413)
-        environ["wsgi.input"] = io.BytesIO(body)
+    environ["wsgi.input"] = io.BytesIO(body)
     size = len(body)
     environ["CONTENT_LENGTH"] = str(size)
     environ.pop("HTTP_TRANSFER_ENCODING", None)  # the bytes are all here now
-    if size > limit:
+    return body if size <= limit else None
+
+
+def routed_model(ep: Endpoint, environ: dict[str, Any], limit: int) -> str | None:
+    """The model a model-routed call names; None when it names none or cannot be read.
+
+    Its body is read once and left under ``BODY_KEY``, its facts under ``FACTS_KEY``: the
+    view takes both and reads and parses nothing again, so the input is not replaced. Over
+    the limit, the input is replaced by what was read, and the view answers 413."""
+    length = environ.get("CONTENT_LENGTH")
+    if length and length.isdigit() and int(length) > limit:
+        return None
+    body = environ["wsgi.input"].read(limit + 1)
+    if len(body) > limit:
+        environ["wsgi.input"] = io.BytesIO(body)
         return None
     environ[BODY_KEY] = body
-    return body
+    try:
+        facts = inspect(ep, body) if len(body) < OFF_HUB_BYTES else inspect_off_hub(ep, body)
+    except BadRequest:
+        return None
+    environ[FACTS_KEY] = facts  # parsed once: the view hands them to the pipeline
+    return facts.model_raw or None
 
 
 def models_named(endpoint: str, rule: str, view_args: dict[str, Any] | None,
@@ -52,19 +69,13 @@ def models_named(endpoint: str, rule: str, view_args: dict[str, Any] | None,
     if endpoint == "ollama.openai_model":
         return [str((view_args or {}).get("name", ""))]
     fields = MANAGE_NAMES.get(endpoint)
-    ep = endpoint_for(rule) if fields is None and endpoint.startswith("ollama./") else None
-    if fields is None and ep is None:
-        return []
-    body = buffer_body(environ, limit, reread=ep is None)
+    if fields is None:
+        ep = endpoint_for(rule) if endpoint.startswith("ollama./") else None
+        name = routed_model(ep, environ, limit) if ep is not None else None
+        return [name] if name else []
+    body = buffer_body(environ, limit)
     if body is None:
         return []
-    if ep is not None:
-        try:
-            facts = inspect_off_hub(ep, body)
-        except BadRequest:
-            return []
-        environ[FACTS_KEY] = facts  # parsed once: the view hands them to the pipeline
-        return [facts.model_raw] if facts.model_raw else []
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
