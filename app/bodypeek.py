@@ -27,13 +27,21 @@ FACTS_KEY = "ollama_lb.facts"  # environ: the body's Facts, when the gate had to
 BODY_KEY = "ollama_lb.buffered_body"  # environ: the body, when the gate read it (in the limit)
 
 
-def buffer_body(environ: dict[str, Any], limit: int) -> bytes | None:
-    """The body, with the environ's input replaced by it, for a view that reads the input (a
-    management view); None if over the limit (the view answers 413 as it always does)."""
+def _read_bounded(environ: dict[str, Any], limit: int) -> bytes | None:
+    """Up to ``limit`` + 1 bytes of the body (one more tells it is over); None, with nothing
+    read, when its ``Content-Length`` already says it is over."""
     length = environ.get("CONTENT_LENGTH")
     if length and length.isdigit() and int(length) > limit:
         return None
-    body = environ["wsgi.input"].read(limit + 1)
+    return environ["wsgi.input"].read(limit + 1)
+
+
+def buffer_body(environ: dict[str, Any], limit: int) -> bytes | None:
+    """The body, with the environ's input replaced by it, for a view that reads the input (a
+    management view); None if over the limit (the view answers 413 as it always does)."""
+    body = _read_bounded(environ, limit)
+    if body is None:
+        return None
     environ["wsgi.input"] = io.BytesIO(body)
     size = len(body)
     environ["CONTENT_LENGTH"] = str(size)
@@ -47,10 +55,9 @@ def routed_model(ep: Endpoint, environ: dict[str, Any], limit: int) -> str | Non
     Its body is read once and left under ``BODY_KEY``, its facts under ``FACTS_KEY``: the
     view takes both and reads and parses nothing again, so the input is not replaced. Over
     the limit, the input is replaced by what was read, and the view answers 413."""
-    length = environ.get("CONTENT_LENGTH")
-    if length and length.isdigit() and int(length) > limit:
+    body = _read_bounded(environ, limit)
+    if body is None:
         return None
-    body = environ["wsgi.input"].read(limit + 1)
     if len(body) > limit:
         environ["wsgi.input"] = io.BytesIO(body)
         return None
