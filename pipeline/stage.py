@@ -65,9 +65,10 @@ class Stage(Generic[T]):
         ring, handler, barrier, on_error = self.ring, self.handler, self.barrier, self.on_error
         strategy = ring.strategy
         next_seq = self.sequence.value + 1
+        successor = None  # a parked follower this stage claimed, to switch to if it parks
         while True:
             try:
-                available = barrier.wait_for(next_seq)
+                available = barrier.wait_for(next_seq, successor)
             except AlertError:
                 return
             for seq in range(next_seq, available + 1):
@@ -79,5 +80,5 @@ class Stage(Generic[T]):
             self.processed += available - next_seq + 1
             self.batches += 1
             self.sequence.value = available
-            strategy.signal(self.sequence)
+            successor = strategy.pass_on(self.sequence)
             next_seq = available + 1

@@ -6,9 +6,10 @@ none of them may spin without yielding: a spin that never yields would starve th
 would be read, no timer would fire). What each one does under gevent:
 
 ``blocking``
-    Parks the stage on a ``gevent.event.Event``; whoever advances a sequence wakes only the
-    stages gated on that sequence (the producer wakes the first stage, each stage the next).
-    No CPU while idle; each wake-up costs one hub callback.
+    Parks the stage in the hub; whoever advances a sequence wakes only the stages gated on
+    that sequence (the producer wakes the first stage, each stage the next). No CPU while
+    idle; a wake-up by the producer costs one hub callback, and a stage that parks right
+    after releasing work switches straight to the parked stage after it.
 ``yielding`` (default)
     While work comes in bursts (the last wait found more than one slot ready), re-checks after
     ``gevent.sleep(0)`` (other ready greenlets and pending callbacks run, such as the producer
@@ -31,7 +32,6 @@ from abc import ABC, abstractmethod
 from typing import Protocol
 
 import gevent
-from gevent.event import Event
 
 from pipeline.sequence import Sequence
 
@@ -43,12 +43,13 @@ class AlertError(Exception):
 class Waitable(Protocol):
     """What a strategy needs from a barrier."""
 
-    event: Event
-    parked: bool
     spins: int
 
     def available(self) -> int: ...
     def check_alert(self) -> None: ...
+    def claim(self) -> bool: ...
+    def resume_later(self) -> None: ...
+    def sleep(self, successor: Waitable | None) -> None: ...
 
 
 class WaitStrategy(ABC):
@@ -57,30 +58,41 @@ class WaitStrategy(ABC):
     name = "base"
 
     @abstractmethod
-    def wait_for(self, sequence: int, barrier: Waitable) -> int:
+    def wait_for(self, sequence: int, barrier: Waitable, successor: Waitable | None) -> int:
         """Return the highest available sequence once ``sequence`` is available.
 
         Called (by ``SequenceBarrier.wait_for``) once ``barrier.available()`` was seen below
-        ``sequence`` with no yield since, so a strategy checks again only after a yield."""
+        ``sequence`` with no yield since, so a strategy checks again only after a yield.
+        ``successor`` is a parked follower the stage claimed: resumed exactly once, by the
+        first park (which switches to it) or before the first yield."""
 
     def signal(self, sequence: Sequence) -> None:
         """``sequence`` moved: wake the parked stages gated on it (and only those)."""
         for barrier in sequence.followers:
             barrier.wake()
 
-    def _park(self, sequence: int, barrier: Waitable) -> int:
-        """Wait on the barrier's event until the sequence is available; no lost wake-ups.
+    def pass_on(self, sequence: Sequence) -> Waitable | None:
+        """A stage moved ``sequence`` and checks its own barrier next: the first parked
+        follower is claimed and returned, for the stage to switch to if it parks; the
+        others are woken."""
+        successor = None
+        for barrier in sequence.followers:
+            if successor is None and barrier.claim():
+                successor = barrier
+            else:
+                barrier.wake()
+        return successor
+
+    def _park(self, sequence: int, barrier: Waitable, successor: Waitable | None) -> int:
+        """Sleep until the sequence is available; no lost wake-ups.
 
         Called right after ``available()`` was seen below ``sequence``: between that check
-        and ``wait()`` nothing else can run (no yield point), so a publish cannot slip in
+        and the park nothing else can run (no yield point), so a publish cannot slip in
         unseen.
         """
         while True:
-            barrier.check_alert()
-            ev = barrier.event
-            ev.clear()
-            barrier.parked = True
-            ev.wait()
+            barrier.sleep(successor)
+            successor = None
             available = barrier.available()
             if available >= sequence:
                 return available
@@ -89,8 +101,8 @@ class WaitStrategy(ABC):
 class BlockingWaitStrategy(WaitStrategy):
     name = "blocking"
 
-    def wait_for(self, sequence: int, barrier: Waitable) -> int:
-        return self._park(sequence, barrier)
+    def wait_for(self, sequence: int, barrier: Waitable, successor: Waitable | None) -> int:
+        return self._park(sequence, barrier, successor)
 
 
 class YieldingWaitStrategy(WaitStrategy):
@@ -107,8 +119,11 @@ class YieldingWaitStrategy(WaitStrategy):
     def __init__(self, spin_tries: int = 8) -> None:
         self.spin_tries = spin_tries
 
-    def wait_for(self, sequence: int, barrier: Waitable) -> int:
+    def wait_for(self, sequence: int, barrier: Waitable, successor: Waitable | None) -> int:
         available = -1
+        if barrier.spins and successor is not None:
+            successor.resume_later()  # it runs while this stage spins
+            successor = None
         for _ in range(barrier.spins):
             barrier.check_alert()
             gevent.sleep(0)
@@ -116,7 +131,7 @@ class YieldingWaitStrategy(WaitStrategy):
             if available >= sequence:
                 break
         if available < sequence:
-            available = self._park(sequence, barrier)
+            available = self._park(sequence, barrier, successor)
         barrier.spins = self.spin_tries if available > sequence else 0
         return available
 
@@ -129,7 +144,7 @@ class SleepingWaitStrategy(WaitStrategy):
         self.spin_tries = spin_tries
         self.sleep_seconds = sleep_seconds
 
-    def wait_for(self, sequence: int, barrier: Waitable) -> int:
+    def wait_for(self, sequence: int, barrier: Waitable, successor: Waitable | None) -> int:
         tries = 0
         while True:
             barrier.check_alert()
@@ -145,11 +160,14 @@ class SleepingWaitStrategy(WaitStrategy):
     def signal(self, sequence: Sequence) -> None:
         """Sleepers poll; nothing to wake."""
 
+    def pass_on(self, sequence: Sequence) -> Waitable | None:
+        return None
+
 
 class BusySpinWaitStrategy(WaitStrategy):
     name = "busy-spin"
 
-    def wait_for(self, sequence: int, barrier: Waitable) -> int:
+    def wait_for(self, sequence: int, barrier: Waitable, successor: Waitable | None) -> int:
         while True:
             barrier.check_alert()
             gevent.sleep(0)
@@ -159,6 +177,9 @@ class BusySpinWaitStrategy(WaitStrategy):
 
     def signal(self, sequence: Sequence) -> None:
         """Spinners re-check on their own; nothing to wake."""
+
+    def pass_on(self, sequence: Sequence) -> Waitable | None:
+        return None
 
 
 _TABLE: dict[str, type[WaitStrategy]] = {

@@ -150,6 +150,54 @@ def test_an_exception_in_a_stage_is_recorded_on_the_slot_and_the_stage_goes_on()
     assert not crashes and all(not s.greenlet.dead for s in d.stages)
 
 
+@pytest.mark.parametrize("strategy", WAIT_STRATEGY_NAMES)
+def test_a_stage_followed_by_two_hands_on_to_both_and_the_join_waits_for_both(strategy):
+    """a -> (b1, b2) -> c: a stage that parks after releasing work switches to one parked
+    follower and wakes the other; c runs a slot only once both have."""
+    ring = RingBuffer(8, Event, create_wait_strategy(strategy))
+    log: list[tuple[str, int]] = []
+
+    def record(name):
+        return (name, lambda ev: log.append((name, ev.value)))
+
+    d = (Disruptor(ring, lambda ev, stage, exc: None).handle_events_with(record("a"))
+         .then(record("b1"), record("b2")).then(record("c")))
+    d.start(lambda stage, exc: None)
+    _made.append(d)
+    for i in range(40):
+        publish_when_free(ring, i)
+        if i % 3 == 0:
+            gevent.sleep(0)  # let the stages park between some publishes
+    drain(ring, d)
+    position = {entry: n for n, entry in enumerate(log)}
+    for i in range(40):
+        assert position[("a", i)] < position[("b1", i)] < position[("c", i)]
+        assert position[("b2", i)] < position[("c", i)]
+
+
+def test_a_stage_stopped_while_it_holds_its_parked_follower_still_passes_it_on():
+    """The first stage is stopped while its handler runs; it has claimed the parked
+    second stage when it finishes, and must resume it rather than leave it asleep."""
+    gate = gevent.event.Event()
+
+    def slow(ev):
+        gate.wait()
+
+    ring = RingBuffer(8, Event, create_wait_strategy("blocking"))
+    log: list[tuple[str, int]] = []
+    d = (Disruptor(ring, lambda ev, stage, exc: None).handle_events_with(("slow", slow))
+         .then(("b", lambda ev: log.append(("b", ev.value)))))
+    d.start(lambda stage, exc: None)
+    _made.append(d)
+    publish(ring, 7)
+    assert wait_until(lambda: d.stages[1].barrier.parked and d.stages[0].processed == 0, 2)
+    d.stages[0].halt()  # only the first stage: the second must go on by itself
+    gate.set()
+    assert wait_until(lambda: d.stages[0].greenlet.dead, 2)
+    assert wait_until(lambda: ("b", 7) in log, 2)  # the second stage was resumed and ran
+    assert not d.stages[1].greenlet.dead
+
+
 class StageBug(BaseException):
     """Escapes the per-slot ``except Exception``, as a bug in the loop itself would."""
 
