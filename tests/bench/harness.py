@@ -129,12 +129,16 @@ def report_ring(res: dict[str, Any]) -> str:
                      f"{loop['median_s'] / r['median_s']:.2f}x |")
     lat = res.get("test_ring_latency_at_10k_per_second")
     if lat:
-        lines.append(f"\nAt 10,000 requests/s offered: ring p50 {lat['p50_us']:.0f} us, p99 "
-                     f"{lat['p99_us']:.0f} us per request (submit to done); the same stage "
-                     f"functions in a plain loop: p50 {lat['loop_p50_us']:.0f} us, p99 "
-                     f"{lat['loop_p99_us']:.0f} us. Added by the ring: p50 "
-                     f"{lat['p50_us'] - lat['loop_p50_us']:.0f} us, p99 "
-                     f"{lat['p99_us'] - lat['loop_p99_us']:.0f} us.")
+        lines += ["", "At 10,000 requests/s offered, from when a request is due to its dispatch:",
+                  "", "| arrivals | ring p50 / p99 (us) | plain loop p50 / p99 (us) | "
+                  "added by the ring p50 / p99 (us) |", "|---|---|---|---|"]
+        for label, k in (("paced, one every 100 us", ""), ("bursts, ten each 1 ms", "burst_")):
+            if f"{k}p50_us" not in lat:
+                continue
+            ring, loop = (lat[f"{k}p50_us"], lat[f"{k}p99_us"]), (lat[f"{k}loop_p50_us"],
+                                                                  lat[f"{k}loop_p99_us"])
+            lines.append(f"| {label} | {ring[0]:.0f} / {ring[1]:.0f} | {loop[0]:.0f} / "
+                         f"{loop[1]:.0f} | {ring[0] - loop[0]:+.0f} / {ring[1] - loop[1]:+.0f} |")
     return "\n".join(lines)
 
 

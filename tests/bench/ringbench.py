@@ -35,13 +35,13 @@ def make_factory(wait_strategy: str = "yielding", ring: int = 1024) -> PipelineF
     })
     factory = PipelineFactory(cfg).start(health_checks=False)
     p = factory.pipeline
-    done_at: dict[int, float] = {}
+    done_at: dict[str, float] = {}  # request id -> when it was dispatched
 
     def no_op_dispatch(ticket: Ticket, node: object) -> None:
         p.registry.release(node)  # type: ignore[arg-type]
         ticket.set(DONE)
         p.finish(ticket, "200")
-        done_at[id(ticket)] = time.perf_counter()
+        done_at[ticket.request.request_id] = time.perf_counter()
 
     p.scheduler.dispatch = no_op_dispatch
     p.dispatcher.start = no_op_dispatch  # type: ignore[method-assign]
@@ -115,58 +115,62 @@ def run_queues(factory: PipelineFactory, n: int) -> float:
     return elapsed
 
 
-def latency_ring(factory: PipelineFactory, rate: int = 10_000, seconds: float = 1.0
-                 ) -> list[float]:
-    """Per-request seconds from submit to done, at ``rate`` requests/s offered in 1 ms ticks."""
-    p = factory.pipeline
+def arrivals(rate: int, seconds: float, burst: bool) -> list[float]:
+    """When each request is due, in seconds from the start.
+
+    Paced (``burst=False``): one every ``1 / rate`` s, as requests read by independent
+    handler greenlets arrive. Burst: all of a 1 ms tick's requests due at the tick's start,
+    published without a yield between them, which measures the ring's batching instead.
+    """
+    if not burst:
+        return [i / rate for i in range(int(rate * seconds))]
     per_tick = max(1, rate // 1000)
-    sent: list[tuple[int, float]] = []
+    return [tick / 1000 for tick in range(int(seconds * 1000)) for _ in range(per_tick)]
+
+
+def _until(due: float) -> None:
+    """Yield to the hub until ``due`` (``perf_counter``): timers have 1 ms resolution."""
+    while time.perf_counter() < due:
+        gevent.sleep(0)
+
+
+def latency_ring(factory: PipelineFactory, rate: int = 10_000, seconds: float = 1.0,
+                 burst: bool = False) -> list[float]:
+    """Per-request seconds from when it was due to its dispatch, through the ring.
+
+    Measured from the due time, not the submit, so a producer held up by the ring counts
+    against it. Requests are told apart by their ids: no ticket is kept alive, so the
+    collector has no more to walk than in the plain loop.
+    """
+    p = factory.pipeline
+    done = factory.done_at  # type: ignore[attr-defined]
+    done.clear()
+    due = arrivals(rate, seconds, burst)
     start = time.perf_counter()
-    ticks = int(seconds * 1000)
-    for tick in range(ticks):
-        for _ in range(per_tick):
-            t = p.submit(request())
-            sent.append((id(t), time.perf_counter()))
-            factory.done_at.pop(id(t), None)  # type: ignore[attr-defined]
-            sent[-1] = (id(t), sent[-1][1])
-            _keep.append(t)
-        delay = start + (tick + 1) / 1000 - time.perf_counter()
-        gevent.sleep(max(0.0, delay))
+    for i, at in enumerate(due):
+        _until(start + at)
+        p.submit(InferenceRequest(path="/api/generate", body=BODY, request_id=str(i)))
     while p.in_flight:
         gevent.sleep(0.001)
-    done = factory.done_at  # type: ignore[attr-defined]
-    out = [done[i] - s for i, s in sent if i in done]
-    _keep.clear()
-    return out
+    return [done[str(i)] - (start + at) for i, at in enumerate(due)]
 
 
-_keep: list[Ticket] = []  # tickets stay alive until measured, so id() stays unique
-
-
-def latency_loop(factory: PipelineFactory, rate: int = 10_000, seconds: float = 1.0
-                 ) -> list[float]:
-    """The same arrivals (bursts each 1 ms tick) through the six functions in a plain loop.
-
-    A request's latency runs from its arrival to the end of its own processing, so it
-    includes waiting behind the requests that arrived before it in the same burst, as in
-    the ring: the difference between the two is what the ring itself adds.
-    """
+def latency_loop(factory: PipelineFactory, rate: int = 10_000, seconds: float = 1.0,
+                 burst: bool = False) -> list[float]:
+    """The same arrivals through the six functions in a plain loop, each request taken
+    when it is due or when the one before is done, whichever is later, and timed to its
+    dispatch: the difference from ``latency_ring`` is what the ring itself adds."""
     steps = handlers(factory)
     slot = Slot()
-    per_tick = max(1, rate // 1000)
+    done = factory.done_at  # type: ignore[attr-defined]
     out = []
     start = time.perf_counter()
-    for tick in range(int(seconds * 1000)):
-        arrivals = []
-        for _ in range(per_tick):
-            arrivals.append(time.perf_counter())
-        for arrived in arrivals:
-            fill(slot, factory)
-            for step in steps:
-                step(slot)
-            out.append(time.perf_counter() - arrived)
-        delay = start + (tick + 1) / 1000 - time.perf_counter()
-        gevent.sleep(max(0.0, delay))
+    for at in arrivals(rate, seconds, burst):
+        _until(start + at)
+        rid = fill(slot, factory).request.request_id
+        for step in steps:
+            step(slot)
+        out.append(done.pop(rid) - (start + at))  # stamped at dispatch, as in the ring
     return out
 
 
