@@ -7,8 +7,10 @@ machine), per operation:
 
 - request validation: the marshmallow schema vs the fast path for well-typed bodies
 - a Prometheus counter: ``.labels(...).inc()`` vs a cached child's ``.inc()``
-- gevent: ``gevent.sleep(0)`` with nothing else to run; one Event wake-up hop between two
-  greenlets (what a parked ring stage costs to wake)
+- gevent: ``gevent.sleep(0)`` with nothing else to run; one wake-up hop between two
+  greenlets through an Event (how ring stages parked until 2026-12-03), through a plain hub
+  callback (how a publisher wakes the first stage now), and a direct switch (how a stage
+  that parks hands on to the parked stage after it)
 - one small POST to a simulated node (client CPU): ``HTTPAdapter.send`` with a hand-filled
   ``PreparedRequest`` vs the same adapter's urllib3 pool called directly
 
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import gevent
 from gevent.event import Event
+from greenlet import getcurrent, greenlet
 from prometheus_client import CollectorRegistry, Counter
 from requests import PreparedRequest
 from requests.adapters import HTTPAdapter
@@ -72,29 +75,61 @@ def metrics() -> dict[str, float]:
             "counter cached child .inc()": best_us(child.inc, 20000)}
 
 
-def hub() -> dict[str, float]:
-    ping, pong = Event(), Event()
-    rounds = 20000
-
+def _volley(rounds: int, wait: Callable[[int], None], wake: Callable[[int], None]) -> float:
+    """Microseconds per hop of a ball passed ``rounds`` times each way between two
+    greenlets (side 0 serves, side 1 echoes)."""
     def echo() -> None:
         for _ in range(rounds):
-            ping.wait()
-            ping.clear()
-            pong.set()
+            wait(1)
+            wake(0)
 
-    def volley() -> None:
-        g = gevent.spawn(echo)
-        for _ in range(rounds):
-            ping.set()
-            pong.wait()
-            pong.clear()
-        g.join()
-
+    g = gevent.spawn(echo)
+    gevent.sleep(0)  # the echo side is waiting before the first serve
     t0 = time.perf_counter()
-    volley()
+    for _ in range(rounds):
+        wake(1)
+        wait(0)
     hop = (time.perf_counter() - t0) / (2 * rounds) * 1e6
+    g.join()
+    return hop
+
+
+def hub() -> dict[str, float]:
+    rounds = 20000
+    events = (Event(), Event())
+
+    def event_wait(side: int) -> None:
+        events[side].wait()
+        events[side].clear()
+
+    hub_ = gevent.get_hub()
+    sides: list[greenlet] = [getcurrent(), getcurrent()]
+
+    def hub_wait(side: int) -> None:
+        sides[side] = getcurrent()
+        hub_.switch()
+
+    def direct() -> float:
+        """The ball passed by plain greenlet switches, no hub in between."""
+        main = getcurrent()
+
+        def echo() -> None:
+            for _ in range(rounds):
+                main.switch()
+
+        other = greenlet(echo)
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            other.switch()
+        return (time.perf_counter() - t0) / (2 * rounds) * 1e6
+
     return {"gevent.sleep(0), nothing else ready": best_us(lambda: gevent.sleep(0), 20000),
-            "Event wake-up hop between greenlets": hop}
+            "Event wake-up hop between greenlets":
+                _volley(rounds, event_wait, lambda side: events[side].set()),
+            "hub-callback wake-up hop (run_callback(g.switch))":
+                _volley(rounds, hub_wait,
+                        lambda side: hub_.loop.run_callback(sides[side].switch)),
+            "direct switch between two greenlets": direct()}
 
 
 def upstream() -> dict[str, float]:

@@ -1,6 +1,7 @@
 """The ring measured against two baselines that run the very same six stage functions.
 
-- ``ring``: ``Pipeline.submit`` through the Disruptor (six stage greenlets, batching).
+- ``ring``: ``Pipeline.submit`` through the Disruptor (six stage greenlets, batching), and
+  one request at a time (``run_serial``: no batching, every stage woken per request).
 - ``loop``: the six handlers called one after the other in a plain loop (no concurrency).
 - ``queues``: six greenlets chained by ``gevent.queue.Queue``, the obvious alternative.
 
@@ -71,6 +72,17 @@ def run_ring(factory: PipelineFactory, n: int) -> float:
                 gevent.sleep(0)  # ring full: let the stages drain it
     while p.in_flight:
         gevent.sleep(0)
+    return time.perf_counter() - t0
+
+
+def run_serial(factory: PipelineFactory, n: int) -> float:
+    """Seconds for n requests one at a time, each submitted once the one before is answered
+    and waited for in ``Ticket.result()`` as a request handler does: every stage parks and
+    is woken for every request, which is what an idle ring costs (no batching to hide it)."""
+    p = factory.pipeline
+    t0 = time.perf_counter()
+    for _ in range(n):
+        p.submit(request()).result()
     return time.perf_counter() - t0
 
 

@@ -31,6 +31,12 @@ def test_ring_throughput(benchmark, wait):
         f.stop()
 
 
+def test_ring_one_at_a_time_throughput(benchmark, factory):
+    """Each request answered before the next: the ring's cost per wake-up, unbatched."""
+    benchmark.pedantic(rb.run_serial, args=(factory, N), rounds=5, iterations=1)
+    benchmark.extra_info["requests_per_s"] = N / benchmark.stats.stats.median
+
+
 def test_plain_loop_throughput(benchmark, factory):
     benchmark.pedantic(rb.run_loop, args=(factory, N), rounds=5, iterations=1)
     benchmark.extra_info["requests_per_s"] = N / benchmark.stats.stats.median
