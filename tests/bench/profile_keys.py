@@ -21,15 +21,13 @@ monkey.patch_all(thread=False, queue=False, select=False)
 
 import argparse
 import json
-import os
-import re
-import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import callgrind
 import procs
 from profile_request import KEY, key_entry, raw_client, start_appliance
 
@@ -51,17 +49,8 @@ def run(mode: str, n: int, path: str) -> None:
 
 def instructions(mode: str, n: int, path: str, out: Path) -> int:
     """Instructions the whole run of ``n`` requests took under callgrind."""
-    dump = out / f"callgrind.{mode}.{n}"
-    # one hash seed for every run: the same dicts collide the same way, so runs compare
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    proc = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={dump}",
-                           sys.executable, __file__, "--mode", mode, "--requests", str(n),
-                           "--path", path], capture_output=True, text=True, check=True,
-                          env=env)
-    found = re.search(r"Collected : (\d+)", proc.stderr)
-    if found is None:
-        raise RuntimeError(proc.stderr[-2000:])
-    return int(found.group(1))
+    return callgrind.instructions([__file__, "--mode", mode, "--requests", str(n),
+                                   "--path", path], dump=str(out / f"callgrind.{mode}.{n}"))
 
 
 def main() -> int:

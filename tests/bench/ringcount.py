@@ -22,15 +22,13 @@ from gevent import monkey
 monkey.patch_all(thread=False, queue=False, select=False)
 
 import argparse
-import os
-import re
-import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import callgrind
 import ringbench as rb
 
 RUNS = {"serial": rb.run_serial, "batched": rb.run_ring, "loop": rb.run_loop}
@@ -48,15 +46,8 @@ def run(mode: str, wait: str, n: int) -> None:
 
 def instructions(mode: str, wait: str, n: int) -> int:
     """Instructions the whole run of ``n`` requests took under callgrind."""
-    env = {**os.environ, "PYTHONHASHSEED": "0"}  # dicts collide alike from run to run
-    proc = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-                           sys.executable, __file__, "--run", mode, "--wait", wait,
-                           "--requests", str(n)], capture_output=True, text=True, check=True,
-                          env=env)
-    found = re.search(r"Collected : (\d+)", proc.stderr)
-    if found is None:
-        raise RuntimeError(proc.stderr[-2000:])
-    return int(found.group(1))
+    return callgrind.instructions([__file__, "--run", mode, "--wait", wait,
+                                   "--requests", str(n)])
 
 
 def main() -> int:
