@@ -24,7 +24,7 @@ from pipeline.wait import AlertError, WaitStrategy
 class SequenceBarrier:
     """Tracks the cursor and the dependent stages' sequences for one stage."""
 
-    __slots__ = ("_alerted", "_cursor", "_dependents", "_hub", "_strategy", "parked",
+    __slots__ = ("_alerted", "_cursor", "_dependents", "_gate", "_hub", "_strategy", "parked",
                  "sleeper", "spins")
 
     def __init__(
@@ -32,6 +32,9 @@ class SequenceBarrier:
     ) -> None:
         self._cursor = cursor
         self._dependents = dependents
+        #: the one stage this one follows, if only one: a stage never passes the cursor, so
+        #: its sequence alone is what is available (most stages of a chain)
+        self._gate = dependents[0] if len(dependents) == 1 else None
         self._strategy = strategy
         self._alerted = False
         self._hub: Hub | None = None  # the hub the stage parked in (set by ``sleep``)
@@ -82,6 +85,8 @@ class SequenceBarrier:
 
     def available(self) -> int:
         """Highest sequence every upstream party has finished with."""
+        if self._gate is not None:
+            return self._gate.value
         cursor = self._cursor.value
         if not self._dependents:
             return cursor
