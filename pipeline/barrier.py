@@ -5,8 +5,8 @@ depends on has released ``n``. The barrier reports the highest such sequence, so
 process a whole batch.
 
 The barrier also parks and resumes its stage's greenlet. A parked stage sleeps in the hub and
-is resumed by a plain hub callback that switches to it: no ``Event`` (whose links, notifier and
-waiter cost three times as much per wake-up). A stage that has just released sequences its
+is resumed by a plain hub callback that switches to it: no ``Event``, whose links, notifier and
+waiter cost more per wake-up (figures in tests/bench/performance.md). A stage that has just released sequences its
 follower waits for, and is about to park itself, switches straight to the follower instead:
 one greenlet switch in place of a callback and two switches through the hub.
 """
@@ -18,24 +18,21 @@ from gevent.hub import Hub
 from greenlet import getcurrent, greenlet
 
 from pipeline.sequence import Sequence, minimum
-from pipeline.wait import AlertError, WaitStrategy
+from pipeline.wait import AlertError
 
 
 class SequenceBarrier:
     """Tracks the cursor and the dependent stages' sequences for one stage."""
 
-    __slots__ = ("_alerted", "_cursor", "_dependents", "_gate", "_hub", "_strategy", "parked",
-                 "sleeper", "spins")
+    __slots__ = ("_alerted", "_cursor", "_dependents", "_gate", "_hub", "parked", "sleeper",
+                 "spins")
 
-    def __init__(
-        self, cursor: Sequence, dependents: list[Sequence], strategy: WaitStrategy
-    ) -> None:
+    def __init__(self, cursor: Sequence, dependents: list[Sequence]) -> None:
         self._cursor = cursor
         self._dependents = dependents
         #: the one stage this one follows, if only one: a stage never passes the cursor, so
         #: its sequence alone is what is available (most stages of a chain)
         self._gate = dependents[0] if len(dependents) == 1 else None
-        self._strategy = strategy
         self._alerted = False
         self._hub: Hub | None = None  # the hub the stage parked in (set by ``sleep``)
         self.sleeper: greenlet | None = None  # the stage's greenlet, set when it parks
@@ -72,12 +69,12 @@ class SequenceBarrier:
             if successor is not None:
                 successor.resume_later()
             raise AlertError()
-        hub = self._hub = get_hub()
-        self.sleeper = getcurrent()
+        if self.sleeper is not getcurrent():  # the stage's greenlet, once per (re)start
+            self._hub, self.sleeper = get_hub(), getcurrent()
         self.parked = True
         try:
             if successor is None:
-                hub.switch()
+                self._hub.switch()  # type: ignore[union-attr]
             else:
                 successor.sleeper.switch()  # type: ignore[union-attr]
         finally:
@@ -91,16 +88,6 @@ class SequenceBarrier:
         if not self._dependents:
             return cursor
         return minimum(self._dependents, cursor)
-
-    def wait_for(self, sequence: int, successor: SequenceBarrier | None = None) -> int:
-        """Block this greenlet (per the wait strategy) until ``sequence`` is available;
-        ``successor`` is a follower this stage claimed (``WaitStrategy.pass_on``)."""
-        available = self.available()
-        if available >= sequence:
-            if successor is not None:
-                successor.resume_later()
-            return available
-        return self._strategy.wait_for(sequence, self, successor)
 
     def alert(self) -> None:
         """Make waiters raise AlertError: used to stop stages."""

@@ -67,10 +67,14 @@ class Stage(Generic[T]):
         next_seq = self.sequence.value + 1
         successor = None  # a parked follower this stage claimed, to switch to if it parks
         while True:
-            try:
-                available = barrier.wait_for(next_seq, successor)
-            except AlertError:
-                return
+            available = barrier.available()
+            if available < next_seq:  # nothing for this stage: wait (and hand on if it parks)
+                try:
+                    available = strategy.wait_for(next_seq, barrier, successor)
+                except AlertError:
+                    return
+            elif successor is not None:  # more work here: the follower runs when this yields
+                successor.resume_later()
             for seq in range(next_seq, available + 1):
                 slot = ring.get(seq)
                 try:

@@ -36,7 +36,7 @@ class Disruptor(Generic[T]):
                depends_on: list[Sequence]) -> Disruptor[T]:
         group = []
         for name, fn in handlers:
-            barrier = SequenceBarrier(self.ring.cursor, depends_on, self.ring.strategy)
+            barrier = SequenceBarrier(self.ring.cursor, depends_on)
             group.append(Stage(name, fn, self.ring, barrier, self.on_error))
         self.stages.extend(group)
         self._last = group
