@@ -5,10 +5,11 @@ depends on has released ``n``. The barrier reports the highest such sequence, so
 process a whole batch.
 
 The barrier also parks and resumes its stage's greenlet. A parked stage sleeps in the hub and
-is resumed by a plain hub callback that switches to it: no ``Event``, whose links, notifier and
-waiter cost more per wake-up (figures in tests/bench/performance.md). A stage that has just released sequences its
-follower waits for, and is about to park itself, switches straight to the follower instead:
-one greenlet switch in place of a callback and two switches through the hub.
+is resumed by a plain hub callback that switches to it: no ``Event``, whose links, notifier
+and waiter cost more per wake-up (figures in tests/bench/performance.md). A stage that has
+just released sequences its follower waits for, and is about to park itself, switches
+straight to the follower instead: one greenlet switch in place of a callback and two
+switches through the hub.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ class SequenceBarrier:
     def __init__(self, cursor: Sequence, dependents: list[Sequence]) -> None:
         self._cursor = cursor
         self._dependents = dependents
-        #: the one stage this one follows, if only one: a stage never passes the cursor, so
-        #: its sequence alone is what is available (most stages of a chain)
-        self._gate = dependents[0] if len(dependents) == 1 else None
+        #: the one sequence gating this stage, if one: the cursor for a first stage, else the
+        #: stage it follows (a stage never passes the cursor, so that sequence alone is what
+        #: is available); None when it follows several
+        self._gate = (dependents[0] if len(dependents) == 1 else
+                      None if dependents else cursor)
         self._alerted = False
         self._hub: Hub | None = None  # the hub the stage parked in (set by ``sleep``)
         self.sleeper: greenlet | None = None  # the stage's greenlet, set when it parks
@@ -82,12 +85,10 @@ class SequenceBarrier:
 
     def available(self) -> int:
         """Highest sequence every upstream party has finished with."""
-        if self._gate is not None:
-            return self._gate.value
-        cursor = self._cursor.value
-        if not self._dependents:
-            return cursor
-        return minimum(self._dependents, cursor)
+        gate = self._gate
+        if gate is not None:
+            return gate.value
+        return minimum(self._dependents, self._cursor.value)
 
     def alert(self) -> None:
         """Make waiters raise AlertError: used to stop stages."""
