@@ -15,7 +15,7 @@ from random import getrandbits
 from typing import Any
 
 from gevent import Timeout, get_hub
-from gevent.event import AsyncResult, Event
+from gevent.hub import Waiter
 from greenlet import getcurrent
 
 from pipeline.errors import ErrorCode, PipelineError
@@ -167,7 +167,8 @@ class Ticket:
     It also collects what the access log reports (node, attempts, queue wait, first byte).
     """
 
-    __slots__ = ("_go", "_result", "_wake", "abandoned", "attempts", "cold", "deadline",
+    __slots__ = ("_error", "_go", "_poked", "_ready", "_value", "_waiter", "abandoned",
+                 "attempts", "cold", "deadline",
                  "endpoint", "eval_ns", "finished", "first_byte_at", "model", "model_raw",
                  "node_id", "on_cancel", "queue_wait", "request", "runner", "status", "stream",
                  "submitted_at", "tokens", "tokens_in", "waiting")
@@ -176,8 +177,11 @@ class Ticket:
         self.request = request
         self.submitted_at = time.monotonic()
         self.deadline = deadline
-        self._result: AsyncResult = AsyncResult()
-        self._wake = Event()  # set with the result, or when a node call is handed over
+        self._ready = False  # resolved: a reply (_value) or an error (_error), once
+        self._value: Result | None = None
+        self._error: PipelineError | None = None
+        self._poked = False  # something for result() to look at: the outcome or a handed call
+        self._waiter: Waiter | None = None  # the caller parked in result(), until poked
         self._go: tuple[Callable[[Ticket, Any], None], Any, Callable[[Ticket, Any], None]
                         ] | None = None  # the handed call: run, lease, drop
         self.waiting = False  # a caller is blocked in result() (it can run the node call)
@@ -202,10 +206,10 @@ class Ticket:
 
     def set(self, result: Result) -> bool:
         """Deliver the reply; False (and nothing changes) if the ticket was already resolved."""
-        if self._result.ready():
+        if self._ready:
             return False
-        self._result.set(result)
-        self._wake.set()
+        self._value, self._ready = result, True
+        self._poke()
         return True
 
     def abandon(self, reason: str = "the client closed the connection") -> None:
@@ -214,31 +218,40 @@ class Ticket:
 
         Never blocks, so it may be called from a hub callback (a socket watcher).
         """
-        if not self._result.ready():
+        if not self._ready:
             self.abandoned = True
             error = PipelineError(ErrorCode.CANCELLED, reason)
-            self._result.set_exception(error)
-            self._wake.set()
+            self._error, self._ready = error, True
+            self._poke()
             self.interrupt(error)
 
     def fail(self, error: PipelineError) -> None:
-        if not self._result.ready():
-            self._result.set_exception(error)
-            self._wake.set()
+        if not self._ready:
+            self._error, self._ready = error, True
+            self._poke()
 
     def done(self) -> bool:
-        return self._result.ready()
+        return self._ready
+
+    def _poke(self) -> None:
+        """Tell ``result()`` there is something to look at. A parked caller is resumed through
+        one hub callback into its ``Waiter``, which is safe whenever it runs: if the caller has
+        left meanwhile (its timeout fired), the waiter only keeps the value."""
+        self._poked = True
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            get_hub().loop.run_callback(waiter.switch, None)
 
     def hand(self, run: Callable[[Ticket, Any], None], lease: Any,
              drop: Callable[[Ticket, Any], None]) -> bool:
         """Give the node call to the caller waiting in ``result()``, to run in its own greenlet
         (no greenlet of its own, no hop back with the reply); False if nobody waits there.
         ``drop(ticket, lease)`` gives the lease back if the caller leaves before the call."""
-        if not self.waiting or self._result.ready():
+        if not self.waiting or self._ready:
             return False
         self._go = (run, lease, drop)
         self.on_cancel = self._unclaimed
-        self._wake.set()
+        self._poke()
         return True
 
     def _unclaimed(self) -> None:
@@ -271,19 +284,29 @@ class Ticket:
         self.waiting = True
         try:
             with Timeout(timeout, expired):
-                while not self._result.ready():
-                    self._wake.wait()
-                    self._wake.clear()
-                    if self._go is not None and not self._result.ready():
+                while not self._ready:
+                    if not self._poked:
+                        self._park()
+                    self._poked = False
+                    if self._go is not None and not self._ready:
                         self._run_handed()
         except PipelineError as err:
             if err is not expired:
                 raise
         finally:
             self.waiting = False
-        if not self._result.ready() or self.abandoned:
-            self.cancel()
-        return self._result.get(block=False)
+        if not self._ready or self.abandoned:
+            self.cancel()  # always leaves the ticket resolved
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+    def _park(self) -> None:
+        waiter = self._waiter = Waiter()
+        try:
+            waiter.get()
+        finally:
+            self._waiter = None
 
     def _run_handed(self) -> None:
         assert self._go is not None
@@ -307,7 +330,7 @@ class Ticket:
             cb()
         self.fail(PipelineError(ErrorCode.TIMEOUT, "request timed out"))
         # a result set concurrently (a stream) must still be released
-        if self._result.successful():
-            value = self._result.value
+        if self._error is None:
+            value = self._value
             if isinstance(value, StreamHandle):
                 value.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import gevent
@@ -139,13 +140,12 @@ def test_waiters_for_one_model_are_served_oldest_first(fake_node, lib):
     node = fake_node(["m"], decode_tps=100, tokens=3)
     f = lib([node], node_overrides={0: {"maxConcurrentRequests": 1}})
     done_order = []
+    f.pipeline.ledger.finish_hooks.append(
+        lambda t: done_order.append(json.loads(t.request.body)["prompt"]))
     tickets = [f.pipeline.submit(InferenceRequest.of_prompt("m", str(i))) for i in range(5)]
-    for i, t in enumerate(tickets):
-        t._result.rawlink(lambda _, i=i: done_order.append(i))
     for t in tickets:
         t.result()
-    gevent.sleep(0)
-    assert done_order == [0, 1, 2, 3, 4]
+    assert done_order == ["0", "1", "2", "3", "4"]
 
 
 def test_a_burst_larger_than_the_ring_leaks_nothing(fake_node, lib):
