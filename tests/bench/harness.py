@@ -129,7 +129,9 @@ def report_ring(res: dict[str, Any]) -> str:
                      f"{loop['median_s'] / r['median_s']:.2f}x |")
     lat = res.get("test_ring_latency_at_10k_per_second")
     if lat:
-        lines += ["", "At 10,000 requests/s offered, from when a request is due to its dispatch:",
+        lines += ["", "At 10,000 requests/s offered, from when a request is due to its dispatch "
+                  f"(each figure the median of {len(lat.get('rounds', [])) or 1} rounds of 1 s "
+                  "through the ring and 1 s through the loop):",
                   "", "| arrivals | ring p50 / p99 (us) | plain loop p50 / p99 (us) | "
                   "added by the ring p50 / p99 (us) |", "|---|---|---|---|"]
         for label, k in (("paced, one every 100 us", ""), ("bursts, ten each 1 ms", "burst_")):
@@ -139,6 +141,9 @@ def report_ring(res: dict[str, Any]) -> str:
                                                                   lat[f"{k}loop_p99_us"])
             lines.append(f"| {label} | {ring[0]:.0f} / {ring[1]:.0f} | {loop[0]:.0f} / "
                          f"{loop[1]:.0f} | {ring[0] - loop[0]:+.0f} / {ring[1] - loop[1]:+.0f} |")
+        if lat.get("rounds"):
+            added = ", ".join(f"{r['p99_us'] - r['loop_p99_us']:+.0f}" for r in lat["rounds"])
+            lines += ["", f"Added p99 at paced arrivals, round by round (us): {added}."]
     return "\n".join(lines)
 
 
