@@ -17,6 +17,7 @@ import apikeys
 import goals
 import procs
 import pytest
+import streams
 import workers
 import wrkrun
 from streamclient import finished
@@ -210,3 +211,18 @@ def test_api_key_goal_rests_on_instructions_where_they_were_counted():
     assert row[2].startswith("instructions: +5.0 % with a key, +6.2 % with a models allow-list")
     assert "CPU time: +4.0 % with a key" in row[2]
     assert "1,062.0k (+6.2 %)" in apikeys.report(res)
+
+
+def test_stream_rounds_merge_to_medians_without_hiding_a_lost_stream():
+    def one(ttft: float, broken: int, rss: float) -> dict:
+        return {"streams": 1000, "lines": 42000, "ttft_p99_ms": ttft, "gap_p99_ms": ttft / 4,
+                "stalled": 0, "broken": broken, "broken_examples": ["cut"] * broken,
+                "rss_peak_mb": rss, "cpu_us_per_line": 40.0}
+
+    row = streams.merged([one(400.0, 0, 80.0), one(30.0, 1, 90.0), one(60.0, 0, 85.0)])
+    assert row["ttft_p99_ms"] == 60.0 and row["gap_p99_ms"] == 15.0  # medians
+    assert row["broken"] == 1 and row["broken_examples"] == ["cut"]  # a loss in one round shows
+    assert row["rss_peak_mb"] == 90.0 and row["lines"] == 126000 and len(row["rounds"]) == 3
+    direct = streams.merged([one(20.0, 0, 0.0)] * 3)
+    line = streams._rounds_line(1000, {"appliance": row, "direct": direct})
+    assert "median of 3 rounds" in line and "380, 10, 40" in line
