@@ -4,10 +4,12 @@
 same node and client, a proxy that does the least any gevent proxy must: one greenlet per
 direction, ``recv`` then ``sendall``, nothing parsed. The difference between the two is
 what the appliance's own code costs per line; this figure is what gevent, the hub and the
-two system calls cost on this machine. Usage:
+two system calls cost on this machine. With ``--callbacks`` the node-to-client direction runs
+from a libev watcher's callback in the hub instead (nginx's shape: no greenlet switch per
+line), which is the floor of a relay that would give up a greenlet per stream. Usage:
 
   .venv/bin/python tests/bench/pipefloor.py [--streams 50] [--tokens 400] [--rate 200]
-      [--rounds 3] [--path /v1/chat/completions]
+      [--rounds 3] [--path /v1/chat/completions] [--callbacks]
 """
 # ruff: noqa: E402  (gevent must patch the standard library before anything imports it)
 
@@ -24,6 +26,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import gevent
+from gevent.event import Event
 from gevent.server import StreamServer
 
 HERE = Path(__file__).resolve().parent
@@ -51,11 +54,47 @@ def pipe(src: socket.socket, dst: socket.socket) -> None:
             dst.shutdown(socket.SHUT_WR)
 
 
-def serve(node: tuple[str, int]):  # type: ignore[no-untyped-def]
+def pipe_in_hub(src: socket.socket, dst: socket.socket, done: Event) -> None:
+    """Copy from a watcher's callback until ``src`` ends, then end ``dst`` and set ``done``.
+    A send the kernel takes only part of stops the watcher while a greenlet sends the rest."""
+    watcher = gevent.get_hub().loop.io(src.fileno(), 1)
+    recv, send = src._sock.recv, dst._sock.send  # type: ignore[attr-defined]
+
+    def rest(data: bytes) -> None:
+        dst.sendall(data)
+        watcher.start(on_read)
+
+    def on_read() -> None:
+        try:
+            data = recv(65536)
+            sent = send(data) if data else 0
+        except BlockingIOError:
+            return
+        except OSError:
+            data, sent = b"", 0
+        if not data:
+            watcher.stop()
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+            done.set()
+        elif sent < len(data):
+            watcher.stop()
+            gevent.spawn(rest, data[sent:])
+
+    watcher.start(on_read)
+
+
+def serve(node: tuple[str, int], in_hub: bool):  # type: ignore[no-untyped-def]
     def handle(client: socket.socket, _addr: object) -> None:
         with socket.create_connection(node) as up:
             up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if in_hub:
+                done = Event()
+                pipe_in_hub(up, client, done)
+                pipe(client, up)
+                done.wait()
+                return
             back = gevent.spawn(pipe, up, client)
             pipe(client, up)
             back.join()
@@ -69,11 +108,14 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=200.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--path", default="/v1/chat/completions")
+    ap.add_argument("--callbacks", action="store_true",
+                    help="node to client from a watcher callback in the hub")
     args = ap.parse_args()
     node = procs.fake_node("m", "fast", num_parallel=4096, tokens_per_second=args.rate,
                            tokens=args.tokens, max_queue=4096)
     parts = urlsplit(node.url)
-    server = StreamServer(("127.0.0.1", 0), serve((parts.hostname or "", parts.port or 0)))
+    server = StreamServer(("127.0.0.1", 0), serve((parts.hostname or "", parts.port or 0),
+                                                        args.callbacks))
     server.start()
     url = f"http://127.0.0.1:{server.server_port}"
     try:
@@ -86,7 +128,8 @@ def main() -> int:
         server.stop()
         node.stop()
     user, system = t1.user - t0.user, t1.system - t0.system
-    print(f"byte pipe, {args.streams} streams x {args.tokens} tokens at {args.rate:g}/s:")
+    shape = "from a watcher callback" if args.callbacks else "one greenlet per direction"
+    print(f"byte pipe ({shape}), {args.streams} streams x {args.tokens} tokens at {args.rate:g}/s:")
     print(f"  CPU per line  {(user + system) / n * 1e6:.1f} us "
           f"({user / n * 1e6:.1f} user, {system / n * 1e6:.1f} system)")
     return 0
