@@ -276,7 +276,8 @@ class Ticket:
         """Wait for the reply; raise PipelineError on failure or TIMEOUT past the deadline.
 
         A node call handed over meanwhile (``hand``) runs here, under the same deadline, and
-        if it has to wait for capacity again (every node busy) the wait goes on.
+        if it has to wait for capacity again (every node busy) the wait goes on. One caller
+        waits on a ticket (the handler that submitted it): the wake-up goes to one waiter.
         """
         if timeout is None:
             timeout = max(0.0, self.deadline - time.monotonic()) + 1.0
@@ -297,8 +298,8 @@ class Ticket:
             self.waiting = False
         if not self._ready or self.abandoned:
             self.cancel()  # always leaves the ticket resolved
-        if self._error is not None:
-            raise self._error
+        if self._error is not None:  # without the frames it was first raised in, as gevent
+            raise self._error.with_traceback(None)  # re-raises (they hold leases, sockets)
         return self._value  # type: ignore[return-value]
 
     def _park(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import traceback
 
 import gevent
 import pytest
@@ -89,3 +90,23 @@ def test_an_abandoned_caller_gets_cancelled_and_a_timed_out_one_timeout():
         late.result(timeout=0.01)
     assert err.value.code == ErrorCode.TIMEOUT and late.done()
     assert not late.set(REPLY)  # a reply after the timeout changes nothing
+
+
+def test_an_error_is_raised_without_the_frames_it_was_first_raised_in():
+    """The error a node call raised is stored on the ticket; raising it from ``result()``
+    must not carry that call's frames (and their locals: leases, connections) along, nor
+    grow with every call, as gevent's AsyncResult never did."""
+    t = ticket()
+
+    def node_call() -> None:
+        raise PipelineError(ErrorCode.TIMEOUT, "node timed out")
+
+    try:
+        node_call()
+    except PipelineError as err:
+        t.fail(err)
+    for _ in range(2):
+        with pytest.raises(PipelineError) as info:
+            t.result()
+        names = [f.name for f in traceback.extract_tb(info.value.__traceback__)]
+        assert "node_call" not in names and names.count("result") == 1, names
