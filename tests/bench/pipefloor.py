@@ -55,28 +55,41 @@ def pipe(src: socket.socket, dst: socket.socket) -> None:
 
 
 def pipe_in_hub(src: socket.socket, dst: socket.socket, done: Event) -> None:
-    """Copy from a watcher's callback until ``src`` ends, then end ``dst`` and set ``done``.
-    A send the kernel takes only part of stops the watcher while a greenlet sends the rest."""
+    """Copy from a watcher's callback until ``src`` ends or fails, then end ``dst`` and set
+    ``done``. A send the kernel takes only part of stops the watcher while a greenlet sends
+    the rest."""
     watcher = gevent.get_hub().loop.io(src.fileno(), 1)
     recv, send = src._sock.recv, dst._sock.send  # type: ignore[attr-defined]
 
+    def end() -> None:
+        watcher.stop()
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+        done.set()
+
     def rest(data: bytes) -> None:
-        dst.sendall(data)
-        watcher.start(on_read)
+        try:
+            dst.sendall(data)
+        except OSError:
+            end()
+        else:
+            watcher.start(on_read)
 
     def on_read() -> None:
         try:
             data = recv(65536)
-            sent = send(data) if data else 0
         except BlockingIOError:
             return
         except OSError:
-            data, sent = b"", 0
+            data = b""
+        try:
+            sent = send(data) if data else 0
+        except BlockingIOError:  # no room at all: the rest is all of it (never dropped)
+            sent = 0
+        except OSError:
+            data = b""
         if not data:
-            watcher.stop()
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
-            done.set()
+            end()
         elif sent < len(data):
             watcher.stop()
             gevent.spawn(rest, data[sent:])

@@ -94,24 +94,23 @@ def run(work: Path, quick: bool, notes: list[str], smg_venv: Path) -> dict[str, 
 def merged(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """One target's rounds as one row: each timing the median over the rounds (a p99 of one
     round moves several-fold with the VM's slow spells), stalled and broken streams summed
-    (none may be lost in any round), peak RSS the highest; every round kept beside."""
+    (none may be lost in any round), peak RSS the highest; a figure some round could not
+    give (too little CPU to divide) is not given; every round kept beside."""
     if len(rounds) == 1:
         return rounds[0]
     row: dict[str, Any] = {"rounds": rounds}
     for key, value in rounds[0].items():
-        values = [r[key] for r in rounds if r.get(key) is not None]
-        if key in ("stalled", "broken", "streams", "lines"):
-            row[key] = sum(values)
-        elif key == "broken_examples":
-            row[key] = [e for r in rounds for e in r[key]][:3]
-        elif key == "rss_peak_mb":
-            row[key] = max(values)
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            row[key] = statistics.median(values) if values else None
-        else:
+        values = [r.get(key) for r in rounds]
+        if key == "broken_examples":
+            row[key] = [e for v in values for e in v][:3]
+        elif not isinstance(value, int | float) or isinstance(value, bool):
             row[key] = value
-    if any(r.get("cpu_us_per_line") is None for r in rounds):
-        row["cpu_us_per_line"] = None
+        elif None in values:
+            row[key] = None
+        elif key in ("stalled", "broken", "streams", "lines"):
+            row[key] = sum(values)
+        else:
+            row[key] = max(values) if key == "rss_peak_mb" else statistics.median(values)
     return row
 
 
