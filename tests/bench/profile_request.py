@@ -89,11 +89,11 @@ def key_entry(models: bool) -> dict[str, Any]:
 
 
 def start_appliance(node_url: str, key: dict[str, Any] | None = None,
-                    redis_url: str | None = None) -> OllamaLoadBalancerApplication:
+                    redis_url: str | None = None, caps: int = 64) -> OllamaLoadBalancerApplication:
     cfg = parse_config({**({"security": {"apiKeys": [key]}} if key else {}),
                         **({"sharedState": {"redisUrl": redis_url}} if redis_url else {}),
         "server": {"host": "127.0.0.1", "port": 0},
-        "nodes": [{"id": "n0", "url": node_url, "models": ["m"], "maxConcurrentRequests": 64}],
+        "nodes": [{"id": "n0", "url": node_url, "models": ["m"], "maxConcurrentRequests": caps}],
         "healthCheck": {"enabled": False, "discovery": False},
         "logging": {"level": "WARNING"}})
     return OllamaLoadBalancerApplication(cfg, watch=False, health_checks=False).start()

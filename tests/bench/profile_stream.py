@@ -66,7 +66,9 @@ def main() -> int:
     args = ap.parse_args()
     node = procs.fake_node("m", "fast", num_parallel=4096, tokens_per_second=args.rate,
                            tokens=args.tokens, max_queue=4096)
-    app = start_appliance(node.url, key_entry(False) if args.key else None)
+    # a node cap above the round's streams: none of them queues (as in scenario 2)
+    app = start_appliance(node.url, key_entry(False) if args.key else None,
+                          caps=max(64, args.streams))
     url = f"http://127.0.0.1:{app.port}"
     switches = [0]
 
