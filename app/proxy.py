@@ -8,7 +8,7 @@ response and frees the node slot, whether it ended, failed or the client went aw
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 from flask import Blueprint, Response, current_app, request
@@ -131,6 +131,11 @@ class StreamBody:
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self.handle.lines())
+
+    def pump(self, offer: Callable[[bytes], bytes]) -> bytes | None:
+        """Relay from the hub's loop until the iteration must go on (``StreamRelay.pump``)."""
+        pump = self.handle.pump
+        return pump(offer) if pump is not None else None
 
     def close(self) -> None:
         self.handle.close()

@@ -79,10 +79,43 @@ class ReplyWriter(WSGIHandler):
                 self._sendall(b"0\r\n\r\n")
             return
         sendall = self._sendall
+        # a relayed stream on a plain socket is relayed from the hub's loop between pieces
+        pump = getattr(self.result, "pump", None) if self.raw_send is not None else None
+        if pump is not None:
+            self._pump(pump)
         for data in pieces:
             if data:
                 sendall(b"%x\r\n%b\r\n" % (len(data), data))
+            if pump is not None:
+                self._pump(pump)
         sendall(b"0\r\n\r\n")
+
+    def _pump(self, pump: Callable[[Callable[[bytes], bytes]], bytes | None]) -> None:
+        """Let the body relay from the hub's loop; write, waiting, what the client could not
+        take at once, then let it go on. Returns when the iteration must go on."""
+        while (left := pump(self._offer)) is not None:
+            self._sendall(left)
+
+    def _offer(self, data: bytes) -> bytes:
+        """One chunk, framed and sent as far as the kernel takes it now; what it did not take.
+
+        Called from the hub's loop (``StreamRelay.pump``): it never waits.
+        """
+        frame = b"%x\r\n%b\r\n" % (len(data), data)
+        try:
+            sent = self.raw_send(frame)  # type: ignore[misc]  # pumped only on a plain socket
+        except BlockingIOError:
+            sent = 0
+        except OSError as ex:
+            self._write_failed(ex)
+            raise
+        self.response_length += sent
+        return frame[sent:] if sent < len(frame) else b""
+
+    def _write_failed(self, ex: OSError) -> None:
+        self.status = f"socket error: {ex}"
+        if self.code > 0:
+            self.code = -self.code
 
     def _sendall(self, data: bytes) -> None:
         """Like pywsgi's, but the timeout bounds each wait for progress, not the whole write.
@@ -111,9 +144,7 @@ class ReplyWriter(WSGIHandler):
             while view:
                 view = view[self.socket.send(view):]
         except OSError as ex:
-            self.status = f"socket error: {ex}"
-            if self.code > 0:
-                self.code = -self.code
+            self._write_failed(ex)
             raise
         self.response_length += len(data)
 

@@ -231,7 +231,7 @@ class Dispatcher:
                             self.streams)
         relay.watch_idle(self.settings().timeouts.streamIdleTimeoutMs / 1000.0)
         handle = StreamHandle(resp.status_code, ctype, relay.lines(), relay.close,
-                              lease.node.id, ticket.attempts)
+                              lease.node.id, ticket.attempts, relay.pump)
         if ticket.done():  # the caller went away meanwhile
             handle.close()
             return

@@ -14,6 +14,10 @@ from collections.abc import Callable, Iterator
 from http.client import HTTPException
 from time import monotonic
 
+from gevent import get_hub
+from gevent.hub import Waiter
+
+from pipeline.chunked import ChunkedReader
 from pipeline.endpoints import stream_error_frame
 from pipeline.idle import IdleTimer
 from pipeline.lease import Lease
@@ -51,13 +55,20 @@ class StreamRelay:
         self.closed = False
         self.cut_reason: str | None = None  # set by cut(): why the appliance ended the stream
         self.idle: IdleTimer | None = None  # bounds the silence between pieces (watch_idle)
+        self._reader: ChunkedReader | None = None  # a plain socket's chunked body (pump)
+        #: ``lines()`` waits at a piece with no fragment left over: ``pump`` may take over
+        self._between = False
+        #: what the hub's relay read and left to ``lines()``: data, b"" (the end) or an error
+        self._handed: bytes | Exception | None = None
+        self._pumping: Waiter | None = None  # the caller's greenlet, parked in pump()
         live.add(self)
 
     def lines(self) -> Iterator[bytes]:
         """The stream's complete lines, as many as have arrived in one piece per read."""
         idle, pending, ndjson = self.idle, b"", self.ndjson
         try:
-            read = self.resp.body_reader()
+            self._reader = self.resp.stream_reader()
+            read = self._read_handed if self._reader is not None else self.resp.body_reader()
             while data := read():
                 if idle is not None:
                     idle.last = monotonic()  # the silence starts again (IdleTimer.last)
@@ -74,7 +85,9 @@ class StreamRelay:
                         yield good
                     yield problem
                     return
+                self._between = not pending
                 yield piece
+                self._between = False
             if pending:  # a trailing fragment with no newline
                 yield pending
             if self._interrupted():
@@ -82,6 +95,83 @@ class StreamRelay:
             self.complete = True
         except (*TRANSPORT_ERRORS, HTTPException) as exc:
             yield self._broken(exc)
+
+    def _read_handed(self) -> bytes:
+        """The next data of a plain socket's body: first what the hub's relay left here."""
+        handed = self._handed
+        if handed is None:
+            return self._reader.read()  # type: ignore[union-attr]  # set with this reader
+        self._handed = None
+        if isinstance(handed, Exception):
+            raise handed
+        return handed
+
+    def pump(self, offer: Callable[[bytes], bytes]) -> bytes | None:
+        """Relay from the hub's loop, with no greenlet switch per piece, while pieces are plain.
+
+        The caller's greenlet waits here while a watcher on the node's socket ``offer``s every
+        plain piece (whole lines with nothing to check) to the client as it arrives. It returns
+        what was left of the first piece the client could not take at once (the caller writes
+        it, waiting, and pumps again), or None at anything else (the end, an error, a piece to
+        check or with a fragment to keep), which is left for ``lines()``: the caller goes on
+        iterating, and every such piece meets the same checks and cleanup as ever. A failed
+        ``offer`` raises here.
+        """
+        reader, sock = self._reader, self.resp.socket()
+        if not self._between or self.closed or reader is None or sock is None:
+            return None
+        if not reader.started or reader.more:  # a read now would not wait: lines() reads
+            return None
+        hub = get_hub()
+        waiter = self._pumping = Waiter(hub)
+        watcher = hub.loop.io(sock.fileno(), 1)
+        watcher.start(self._on_readable, reader, waiter, offer)
+        try:
+            return waiter.get()  # type: ignore[no-any-return]
+        finally:
+            self._pumping = None
+            watcher.close()
+
+    def _on_readable(self, reader: ChunkedReader, waiter: Waiter,
+                     offer: Callable[[bytes], bytes]) -> None:
+        """The watcher's callback, in the hub: what has arrived, offered while it is plain.
+
+        Never waits and never raises (an exception here would only be printed by the hub):
+        whatever ends the stretch wakes the caller, and nothing runs here after that.
+        """
+        idle, ndjson = self.idle, self.ndjson
+        while True:
+            try:
+                data = reader.read_now()
+            except Exception as exc:  # lines() reports it as one of its own reads would
+                self._handed = exc
+                waiter.switch(None)
+                return
+            if data is None:
+                return  # part of a chunk: the rest is still on its way
+            # plain: whole lines, nothing for _check to act on (no error frame and, on
+            # NDJSON, every line one object: _check's own test)
+            if not (data.endswith(b"\n") and (
+                    b'{"error"' not in data if not ndjson else (
+                        data.startswith(b"{") and data.endswith(b"}\n")
+                        and not data.startswith(b'{"error"') and b'\n{"error"' not in data
+                        and data.count(b"\n") == data.count(b"}\n{") + 1))):
+                self._handed = data  # (b"" at the end)
+                waiter.switch(None)
+                return
+            if idle is not None:
+                idle.last = monotonic()
+            self.last_line = data
+            try:
+                left = offer(data)
+            except Exception as exc:  # the client's side failed: raised where the caller waits
+                waiter.throw(exc)
+                return
+            if left:
+                waiter.switch(left)
+                return
+            if not reader.more:
+                return
 
     def _check(self, piece: bytes) -> bytes | None:
         """None for a good piece; else the error line that ends the stream.
@@ -154,6 +244,9 @@ class StreamRelay:
             return
         self.closed = True
         self.live.discard(self)
+        if (waiter := self._pumping) is not None:  # not from the caller's own greenlet
+            self._pumping = None
+            get_hub().loop.run_callback(waiter.switch, None)
         if self.idle is not None:
             self.idle.cancel()
         if not self.complete:

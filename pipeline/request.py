@@ -108,8 +108,12 @@ class StreamHandle:
     """
 
     def __init__(self, status: int, content_type: str, lines: Iterator[bytes],
-                 close: Callable[[], None], node_id: str, attempts: int) -> None:
+                 close: Callable[[], None], node_id: str, attempts: int,
+                 pump: Callable[[Callable[[bytes], bytes]], bytes | None] | None = None
+                 ) -> None:
         self.status = status
+        #: relays from the hub's loop between two pieces of ``lines()`` (``StreamRelay.pump``)
+        self.pump = pump
         self.content_type = content_type
         self._lines = lines
         self._close = close

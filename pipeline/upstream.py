@@ -120,8 +120,21 @@ class UpstreamResponse:
         # the socket: it keeps gevent's own recv
         if isinstance(sock, SSLSocket):
             return ChunkedReader(sock.recv, fp.fp.read1, self._read_to_end).read
+        return self._plain_reader(sock).read
+
+    def stream_reader(self) -> ChunkedReader | None:
+        """The reader of a chunked body on a plain socket, which can also be read from the
+        hub's loop without waiting (``read_now``); None for any other body. Called before
+        anything of the body was read."""
+        fp, sock = self.fp, self.conn.sock
+        if (not fp.chunked or fp.chunk_left is not None or fp.fp is None or sock is None
+                or isinstance(sock, SSLSocket)):
+            return None
+        return self._plain_reader(sock)
+
+    def _plain_reader(self, sock: Any) -> ChunkedReader:
         wait = partial(sock._wait, sock._read_event)  # gevent's, before the socket's own recv
-        return ChunkedReader(sock._sock.recv, fp.fp.read1, self._read_to_end, wait).read
+        return ChunkedReader(sock._sock.recv, self.fp.fp.read1, self._read_to_end, wait)
 
     def _read_to_end(self) -> None:
         """The body ended: the connection can be lent again once the response is closed."""
