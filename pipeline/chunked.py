@@ -65,21 +65,16 @@ class ChunkedReader:
         the socket already), or the last chunk has come (the next read ends the body)."""
         return self._full or self._state == _DONE
 
-    @property
-    def started(self) -> bool:
-        """The head reader's leftovers were taken: from here on only the socket is read."""
-        return self._first is None
-
     def read(self) -> bytes:
         """At least one byte of chunk data, or b"" once the body has ended; waits for the node."""
-        return self.read_now(False)  # type: ignore[return-value]  # waits: never None
+        return self.read_now(wait=True)  # type: ignore[return-value]  # waits: never None
 
-    def read_now(self, now: bool = True) -> bytes | None:
+    def read_now(self, wait: bool = False) -> bytes | None:
         """What ``read()`` gives, without waiting: None while nothing whole has arrived.
 
-        For a non-blocking socket's ``recv`` (one with ``wait``) after ``started``, called from
-        the hub's loop when the socket is readable: it never yields. (``now`` False is
-        ``read()``.)
+        For a non-blocking socket's ``recv`` (one with ``wait``) once the head reader's
+        leftovers were taken (after a first ``read()``), called from the hub's loop when the
+        socket is readable: it never yields. (``wait`` True is ``read()``.)
         """
         while self._state != _DONE:
             if buf := self._buf:
@@ -93,13 +88,13 @@ class ChunkedReader:
             if self._first is not None:
                 data, self._first = self._first(RECV_BYTES), None
             else:
-                if self._wait is not None and not self._full and not now:
+                if wait and self._wait is not None and not self._full:
                     self._wait()
                 try:
                     data = self._recv(RECV_BYTES)
                 except BlockingIOError:
                     self._full = False
-                    if now:
+                    if not wait:
                         return None
                     continue
                 self._full = len(data) == RECV_BYTES

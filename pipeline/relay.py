@@ -36,6 +36,23 @@ def whole_lines_before_the_first_bad(piece: bytes) -> bytes:
     return b"".join(good)
 
 
+def ndjson_objects(piece: bytes) -> bool:
+    """Every line of an NDJSON piece is one object: it starts with ``{`` and ends with
+    ``}``, so every newline but the last sits between ``}`` and ``{`` (JSON strings hold no
+    raw newline): two counts per piece."""
+    return (piece.startswith(b"{") and piece.endswith(b"}\n")
+            and piece.count(b"\n") == piece.count(b"}\n{") + 1)
+
+
+def plain_piece(piece: bytes, ndjson: bool) -> bool:
+    """Nothing in a piece of whole lines for ``StreamRelay._check`` to act on: no error frame
+    and, on NDJSON, every line one object."""
+    if not ndjson:
+        return b'{"error"' not in piece
+    return (ndjson_objects(piece) and not piece.startswith(b'{"error"')
+            and b'\n{"error"' not in piece)
+
+
 class StreamRelay:
     """Relays one node stream; registered in ``live`` until closed."""
 
@@ -78,7 +95,7 @@ class StreamRelay:
                     continue
                 piece = pending + data[: end + 1] if pending else data[: end + 1]
                 pending = data[end + 1 :]
-                if not ndjson and b'{"error"' not in piece:  # an SSE piece with no error
+                if plain_piece(piece, ndjson):
                     self.last_line = piece
                 elif (problem := self._check(piece)) is not None:
                     if good := whole_lines_before_the_first_bad(piece):
@@ -119,8 +136,8 @@ class StreamRelay:
         """
         reader, sock = self._reader, self.resp.socket()
         if not self._between or self.closed or reader is None or sock is None:
-            return None
-        if not reader.started or reader.more:  # a read now would not wait: lines() reads
+            return None  # (_between: lines() has read once, so the head's leftovers are taken)
+        if reader.more:  # a read now would not wait: lines() reads
             return None
         hub = get_hub()
         waiter = self._pumping = Waiter(hub)
@@ -149,13 +166,7 @@ class StreamRelay:
                 return
             if data is None:
                 return  # part of a chunk: the rest is still on its way
-            # plain: whole lines, nothing for _check to act on (no error frame and, on
-            # NDJSON, every line one object: _check's own test)
-            if not (data.endswith(b"\n") and (
-                    b'{"error"' not in data if not ndjson else (
-                        data.startswith(b"{") and data.endswith(b"}\n")
-                        and not data.startswith(b'{"error"') and b'\n{"error"' not in data
-                        and data.count(b"\n") == data.count(b"}\n{") + 1))):
+            if not (data.endswith(b"\n") and plain_piece(data, ndjson)):
                 self._handed = data  # (b"" at the end)
                 waiter.switch(None)
                 return
@@ -176,13 +187,11 @@ class StreamRelay:
     def _check(self, piece: bytes) -> bytes | None:
         """None for a good piece; else the error line that ends the stream.
 
-        A piece holds every line that arrived in one read. On NDJSON each line must be one
-        object: starting with ``{`` and ending with ``}``, so every newline but the last sits
-        between ``}`` and ``{`` (JSON strings hold no raw newline), two counts per piece.
+        A piece holds every line that arrived in one read; on NDJSON each must be one object
+        (``ndjson_objects``).
         """
         self.last_line = piece
-        if self.ndjson and not (piece.startswith(b"{") and piece.endswith(b"}\n")
-                                and piece.count(b"\n") == piece.count(b"}\n{") + 1):
+        if self.ndjson and not ndjson_objects(piece):
             reason = f"node {self.node.id}: malformed line in the stream"
             self.lease.failed(reason)
             self.outcome = "STREAM_BROKEN"

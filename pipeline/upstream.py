@@ -113,24 +113,28 @@ class UpstreamResponse:
         """What reads the rest of the body as it arrives, b"" at its end: a chunked body is
         decoded straight off the socket (``pipeline/chunked.py``), anything else through
         http.client. Called before anything of the body was read."""
-        fp, sock = self.fp, self.conn.sock
-        if not fp.chunked or fp.chunk_left is not None or fp.fp is None or sock is None:
+        sock = self._chunked_socket()
+        if sock is None:
             return self.read1
         # a TLS socket's recv decrypts, and may hold decrypted bytes with nothing to read on
         # the socket: it keeps gevent's own recv
         if isinstance(sock, SSLSocket):
-            return ChunkedReader(sock.recv, fp.fp.read1, self._read_to_end).read
+            return ChunkedReader(sock.recv, self.fp.fp.read1, self._read_to_end).read
         return self._plain_reader(sock).read
 
     def stream_reader(self) -> ChunkedReader | None:
         """The reader of a chunked body on a plain socket, which can also be read from the
         hub's loop without waiting (``read_now``); None for any other body. Called before
         anything of the body was read."""
-        fp, sock = self.fp, self.conn.sock
-        if (not fp.chunked or fp.chunk_left is not None or fp.fp is None or sock is None
-                or isinstance(sock, SSLSocket)):
+        sock = self._chunked_socket()
+        return None if sock is None or isinstance(sock, SSLSocket) else self._plain_reader(sock)
+
+    def _chunked_socket(self) -> Any:
+        """The socket a chunked body is decoded from directly; None for any other body."""
+        fp = self.fp
+        if not fp.chunked or fp.chunk_left is not None or fp.fp is None:
             return None
-        return self._plain_reader(sock)
+        return self.conn.sock
 
     def _plain_reader(self, sock: Any) -> ChunkedReader:
         wait = partial(sock._wait, sock._read_event)  # gevent's, before the socket's own recv
